@@ -1,0 +1,1206 @@
+#!/usr/bin/env python3
+"""smallmsg: millions of small messages per second over TCP, with coalesced ACKs.
+
+A zero-dependency server and client for the wire protocol of the "small TCP messages in Elixir"
+experiment series: a client streams frames (8-byte id, u32 size, payload) and the server answers
+with ACK records that each cover a run of frames. One file, standard library only: copy it into
+any project and it works.
+
+Run a server and load it::
+
+    python smallmsg.py --port 8005          # listens on 127.0.0.1:8005
+    python client.py --count 2000000        # the series' load client, built on smallmsg.Client
+
+Use it as a library::
+
+    import smallmsg
+
+    def handle(batch):                      # called in the connection's ACK thread
+        for frame_id, payload in batch:     # payload is bytes-like, valid during the call only
+            ...
+
+    with smallmsg.Server(("127.0.0.1", 0), handler=handle) as srv:
+        srv.start()                         # background threads; serve_forever() blocks instead
+        with smallmsg.Client(srv.address) as c:
+            c.send(b"hello")                # returns the frame's id: 0, 1, 2, ...
+            c.wait_acked(timeout=5)         # flushes, then waits for the ACKs
+
+Why it is fast: the server reads as much as the socket has into large preallocated blocks,
+checks whole runs of equal-sized frames with a few strided slices (C loops over the block, no
+Python work per frame), and answers a whole block with one ACK. Frames of varying sizes take an
+exact per-frame path. The client writes the ids of a whole batch with the same strided trick.
+"""
+
+import argparse
+import array
+import logging
+import os
+import queue
+import select
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import namedtuple
+
+__all__ = [
+    "Server", "Client", "FrameParser", "Batch", "Segment",
+    "SmallmsgError", "ProtocolError", "ConnectionLost", "AckTimeout",
+    "DEFAULT_PORT", "MAX_PAYLOAD", "HEADER_SIZE", "ACK_SIZE",
+    "encode_frame", "encode_ack",
+]
+__version__ = "0.1.0"
+
+log = logging.getLogger("smallmsg")
+
+
+# ###########################################################################################
+# Wire format (see PROTOCOL.md)
+# ###########################################################################################
+
+DEFAULT_PORT = 8005          # the series' step-5 port
+MAX_PAYLOAD = 1 << 20        # default limit: a header announcing more is a protocol error
+MAX_SIZE_FIELD = 0xFFFFFFFF  # the size field is a u32
+
+ID_SIZE = 8                  # frame: id (8 opaque bytes) | size (u32) | payload
+SIZE_OFFSET = ID_SIZE
+HEADER_SIZE = 12
+ACK_SIZE = 12                # ACK: id of the last covered frame (8) | skipped (u32)
+MAX_SKIPPED = 0xFFFFFFFF     # one ACK covers at most MAX_SKIPPED + 1 frames
+
+MODE_ACK = "ack"                       # coalesced ACKs, little-endian size (steps 2 to 5)
+MODE_REQUEST_REPLY = "request-reply"   # each frame answered with its id, big-endian size (step 1)
+MODES = (MODE_ACK, MODE_REQUEST_REPLY)
+ACK_THREAD = "thread"        # a reader thread hands whole blocks to an ACK thread (step 5)
+ACK_INLINE = "inline"        # the reader parses, calls the handler and ACKs itself (step 4)
+ACK_STYLES = (ACK_THREAD, ACK_INLINE)
+
+SIZE_LE = struct.Struct("<I")
+SIZE_BE = struct.Struct(">I")
+FRAME_ID = struct.Struct("<Q")               # ids as u64: how the reference clients number
+ACK_RECORD = struct.Struct("<QI")
+
+
+def size_struct(mode):
+    """The struct of the size field in `mode`: little-endian, big-endian for request-reply."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    return SIZE_BE if mode == MODE_REQUEST_REPLY else SIZE_LE
+
+
+def encode_frame(frame_id, payload, mode=MODE_ACK):
+    """One frame as bytes: `frame_id` (an int, u64) and the payload."""
+    return FRAME_ID.pack(frame_id) + size_struct(mode).pack(len(payload)) + bytes(payload)
+
+
+def encode_ack(last_id, skipped):
+    """One ACK record: covers the frame `last_id` (int) and the `skipped` frames before it."""
+    return ACK_RECORD.pack(last_id, skipped)
+
+
+class SmallmsgError(Exception):
+    """Base of smallmsg's errors. A client's error carries its counts (else None)."""
+
+    def __init__(self, message, *, sent=None, acked=None):
+        super().__init__(message)
+        self.sent = sent
+        self.acked = acked
+
+    @property
+    def unacked(self):
+        """Frames sent but not acknowledged when the error happened."""
+        if self.sent is None or self.acked is None:
+            return None
+        return self.sent - self.acked
+
+
+class ProtocolError(SmallmsgError):
+    """Bytes on the wire broke PROTOCOL.md: a bad frame header, or a bad ACK."""
+
+
+class ConnectionLost(SmallmsgError, ConnectionError):
+    """The peer closed or reset the connection while frames were unacknowledged."""
+
+
+class AckTimeout(SmallmsgError, TimeoutError):
+    """The ACKs for the frames sent did not all arrive in time."""
+
+
+# ###########################################################################################
+# Frame parser (sans-IO: bytes in; frames, ACK records and protocol errors out)
+# ###########################################################################################
+
+# Runs of equal-sized frames are checked whole: the size fields of a run sit at a fixed stride, so
+# four strided slices of the block (one per byte of the u32) compared with the expected bytes prove
+# every frame of the run at C speed. A run check is tried with a window that starts small and
+# doubles while the run holds, so its cost is proportional to the frames it proves. When the
+# sizes vary the check is tried again only after a number of exact frames that doubles on each
+# failure, so mixed traffic pays a bounded, small cost per frame and never a quadratic one.
+RUN_MIN = 8                  # a uniform segment must hold at least this many frames
+RUN_WINDOW_START = 64        # frames proven by the first strided check of a run
+RUN_BACKOFF_MIN = 4          # exact frames before the next run check after a failed one...
+RUN_BACKOFF_MAX = 256        # ...doubling up to this
+
+Segment = namedtuple("Segment", "buffer start end count frame_size last")
+Segment.__doc__ = """Consecutive whole frames of a Batch inside one buffer.
+
+`buffer[start:end]` holds `count` frames; `frame_size` is their common size (header included) or
+0 when their sizes vary; `last` is the offset of the last frame.
+"""
+
+
+class Batch:
+    """The whole frames that one `FrameParser.feed` found, in order.
+
+    A handler can walk it frame by frame (``for frame_id, payload in batch``: the id as an int, the
+    payload as a memoryview valid during the handler call only) or work on the block at C speed:
+    ``batch.ids`` (an ``array('Q')``), ``batch.payloads()`` (all payloads, concatenated),
+    ``batch.segments`` (the raw frames; runs of equal-sized frames are marked).
+    """
+
+    __slots__ = ("segments", "count", "error", "_size")
+
+    def __init__(self, segments, count, error=None, size=SIZE_LE):
+        self.segments = segments
+        self.count = count
+        self.error = error      # a ProtocolError that ended the stream after these frames
+        self._size = size
+
+    def __len__(self):
+        return self.count
+
+    def __bool__(self):
+        return self.count > 0
+
+    def __repr__(self):
+        return f"<Batch of {self.count} frames in {len(self.segments)} segments>"
+
+    def __iter__(self):
+        unpack_id = FRAME_ID.unpack_from
+        unpack_size = self._size.unpack_from
+        for seg in self.segments:
+            view = memoryview(seg.buffer)
+            pos = seg.start
+            if seg.frame_size:
+                for pos in range(seg.start, seg.end, seg.frame_size):
+                    yield unpack_id(view, pos)[0], view[pos + HEADER_SIZE:pos + seg.frame_size]
+                continue
+            while pos < seg.end:
+                (size,) = unpack_size(view, pos + SIZE_OFFSET)
+                body = pos + HEADER_SIZE
+                yield unpack_id(view, pos)[0], view[body:body + size]
+                pos = body + size
+
+    @property
+    def nbytes(self):
+        """Bytes of all frames, headers included."""
+        return sum(seg.end - seg.start for seg in self.segments)
+
+    @property
+    def payload_nbytes(self):
+        """Bytes of all payloads."""
+        return self.nbytes - HEADER_SIZE * self.count
+
+    @property
+    def last_id(self):
+        """The 8 id bytes of the last frame (None for an empty batch)."""
+        if not self.segments:
+            return None
+        seg = self.segments[-1]
+        return bytes(seg.buffer[seg.last:seg.last + ID_SIZE])
+
+    def frame_offsets(self, seg):
+        """Offsets of the frames of segment `seg` (a range when they are of one size)."""
+        if seg.frame_size:
+            return range(seg.start, seg.end, seg.frame_size)
+        unpack_size = self._size.unpack_from
+        offsets = []
+        pos = seg.start
+        while pos < seg.end:
+            offsets.append(pos)
+            pos += HEADER_SIZE + unpack_size(seg.buffer, pos + SIZE_OFFSET)[0]
+        return offsets
+
+    def id_bytes(self):
+        """The 8 id bytes of every frame, concatenated (what request-reply mode answers)."""
+        parts = []
+        for seg in self.segments:
+            if seg.frame_size:
+                column = bytearray(ID_SIZE * seg.count)
+                for k in range(ID_SIZE):
+                    column[k::ID_SIZE] = seg.buffer[seg.start + k:seg.end:seg.frame_size]
+                parts.append(column)
+            else:
+                buf = seg.buffer
+                parts.extend(buf[pos:pos + ID_SIZE] for pos in self.frame_offsets(seg))
+        return b"".join(parts)
+
+    @property
+    def ids(self):
+        """The ids as u64 integers, an ``array('Q')``."""
+        ids = array.array("Q")
+        ids.frombytes(self.id_bytes())
+        if sys.byteorder == "big":
+            ids.byteswap()
+        return ids
+
+    def frame_id_bytes(self, index):
+        """The 8 id bytes of frame number `index` of this batch."""
+        for seg in self.segments:
+            if index < seg.count:
+                if seg.frame_size:
+                    pos = seg.start + index * seg.frame_size
+                else:
+                    pos = self.frame_offsets(seg)[index]
+                return bytes(seg.buffer[pos:pos + ID_SIZE])
+            index -= seg.count
+        raise IndexError("frame index out of range")
+
+    def payloads(self):
+        """All payloads concatenated, in order, built with bulk copies."""
+        parts = []
+        for seg in self.segments:
+            buf = seg.buffer
+            size = seg.frame_size - HEADER_SIZE
+            if seg.frame_size and size < seg.count:
+                # Few, narrow columns: copy each payload byte column at once.
+                column = bytearray(size * seg.count)
+                for k in range(size):
+                    column[k::size] = buf[seg.start + HEADER_SIZE + k:seg.end:seg.frame_size]
+                parts.append(column)
+            else:
+                for pos in self.frame_offsets(seg):
+                    size = self._size.unpack_from(buf, pos + SIZE_OFFSET)[0]
+                    parts.append(buf[pos + HEADER_SIZE:pos + HEADER_SIZE + size])
+        return b"".join(parts)
+
+
+class FrameParser:
+    """Turns the bytes of one connection into batches of whole frames and into ACK records.
+
+    ``feed(data)`` returns a `Batch` of the frames completed by `data` (a frame split across
+    feeds is carried over, in a buffer of at most ``max_payload + HEADER_SIZE`` bytes). Once the
+    frames of a batch are handled, ``handled(batch)`` records them, and ``take_ack()`` returns the
+    ACK records to send for everything handled so far (b"" when there is nothing to acknowledge).
+
+    A bad header ends the stream: the batch then holds the whole frames before it and carries the
+    `ProtocolError` in ``batch.error``; those frames are still to be handled and acknowledged.
+    """
+
+    #: frames one ACK record covers at most; smaller values only serve tests
+    max_ack_cover = MAX_SKIPPED + 1
+
+    def __init__(self, max_payload=MAX_PAYLOAD, mode=MODE_ACK):
+        if not 0 <= max_payload <= MAX_SIZE_FIELD:
+            raise ValueError(f"max_payload must be between 0 and {MAX_SIZE_FIELD}")
+        self.max_payload = max_payload
+        self.mode = mode
+        self._size = size_struct(mode)
+        self._partial = bytearray()     # the start of a frame that the next feed completes
+        self._error = None
+        self._unacked = 0               # frames handled and not yet covered by an ACK record
+        self._last_id = None
+        self._acks = []                 # ACK records ready to send
+        self.frames = 0                 # frames parsed so far
+        self.bytes = 0                  # bytes fed so far
+
+    @property
+    def pending_bytes(self):
+        """Bytes of an incomplete frame held over to the next feed."""
+        return len(self._partial)
+
+    @property
+    def error(self):
+        """The ProtocolError that ended this stream, or None."""
+        return self._error
+
+    def feed(self, data, end=None):
+        """Parse ``data[:end]`` and return the Batch of the frames it completes.
+
+        Pass a bytes or bytearray to avoid a copy; the batch's payloads point into it.
+        """
+        if self._error is not None:
+            raise self._error
+        if not isinstance(data, (bytes, bytearray)):
+            data = bytes(data)
+        if end is None:
+            end = len(data)
+        self.bytes += end
+        segments = []
+        pos = count = 0
+        if self._partial:
+            pos = self._complete_partial(data, end, segments)
+            if pos is None:     # still incomplete, or a bad header
+                return self._batch(segments, 0, self._error)
+            count = 1
+        pos, found, error = self._scan(data, pos, end, segments)
+        count += found
+        if error is None and pos < end:
+            if end - pos >= HEADER_SIZE:
+                error = self._check_size(data, pos)
+            if error is None:
+                self._partial += memoryview(data)[pos:end]
+        return self._batch(segments, count, error)
+
+    def _batch(self, segments, count, error=None):
+        if error is not None:
+            self._error = error
+        self.frames += count
+        return Batch(segments, count, error, self._size)
+
+    def _check_size(self, data, pos):
+        (size,) = self._size.unpack_from(data, pos + SIZE_OFFSET)
+        if size > self.max_payload:
+            return ProtocolError(
+                f"frame announces a {size}-byte payload, over the {self.max_payload}-byte limit")
+        return None
+
+    def _complete_partial(self, data, end, segments):
+        """Complete the carried frame from the start of `data`; return where `data` goes on."""
+        partial = self._partial
+        have = len(partial)
+        take = min(HEADER_SIZE - have, end) if have < HEADER_SIZE else 0
+        if take > 0:
+            partial += memoryview(data)[:take]
+            if len(partial) < HEADER_SIZE:
+                return None
+            self._error = self._check_size(partial, 0)
+            if self._error is not None:
+                return None
+        frame_size = HEADER_SIZE + self._size.unpack_from(partial, SIZE_OFFSET)[0]
+        more = min(frame_size - len(partial), end - take)
+        partial += memoryview(data)[take:take + more]
+        if len(partial) < frame_size:
+            return None
+        self._partial = bytearray()
+        segments.append(Segment(partial, 0, frame_size, 1, frame_size, 0))
+        return take + more
+
+    def _scan(self, buf, pos, end, segments):
+        """Find the whole frames of ``buf[pos:end]``: returns (next pos, frames, error)."""
+        unpack_size = self._size.unpack_from
+        max_payload = self.max_payload
+        total = 0
+        mixed_start = pos       # the frames since the last uniform run, of varying sizes
+        mixed_count = 0
+        mixed_last = pos
+        skip = 0                # exact frames to take before the next run check
+        backoff = RUN_BACKOFF_MIN
+        error = None
+        while pos + HEADER_SIZE <= end:
+            (size,) = unpack_size(buf, pos + SIZE_OFFSET)
+            if size > max_payload:
+                error = self._check_size(buf, pos)
+                break
+            frame_end = pos + HEADER_SIZE + size
+            if frame_end > end:
+                break
+            if skip:
+                skip -= 1
+                mixed_count += 1
+                mixed_last = pos
+                pos = frame_end
+                continue
+            frame_size = frame_end - pos
+            count = self._run_length(buf, pos, end, frame_size, size)
+            if count < RUN_MIN:
+                mixed_count += count
+                mixed_last = pos + (count - 1) * frame_size
+                pos += count * frame_size
+                skip = backoff
+                backoff = min(2 * backoff, RUN_BACKOFF_MAX)
+                continue
+            if mixed_count:
+                segments.append(Segment(buf, mixed_start, pos, mixed_count, 0, mixed_last))
+                total += mixed_count
+                mixed_count = 0
+            run_end = pos + count * frame_size
+            segments.append(Segment(buf, pos, run_end, count, frame_size, run_end - frame_size))
+            total += count
+            pos = mixed_start = run_end
+            backoff = RUN_BACKOFF_MIN
+        if mixed_count:
+            segments.append(Segment(buf, mixed_start, pos, mixed_count, 0, mixed_last))
+            total += mixed_count
+        return pos, total, error
+
+    def _run_length(self, buf, pos, end, frame_size, size):
+        """How many frames of `frame_size` bytes follow from `pos` (at least the one there)."""
+        available = (end - pos) // frame_size
+        if available < RUN_MIN or self._size.unpack_from(buf, pos + frame_size + SIZE_OFFSET)[0] != size:
+            return 1
+        expected = self._size.pack(size)
+        count = 0
+        window = RUN_WINDOW_START
+        while count < available:
+            n = min(window, available - count)
+            first = pos + count * frame_size + SIZE_OFFSET
+            stop = first + n * frame_size
+            for k in range(4):
+                column = buf[first + k:stop:frame_size]
+                byte = expected[k:k + 1]
+                if column != byte * n:
+                    # The run ends inside this window: where the first column breaks.
+                    n = min(len(column) - len(column.lstrip(byte)), *(
+                        len(c) - len(c.lstrip(expected[j:j + 1]))
+                        for j in range(k + 1, 4)
+                        for c in (buf[first + j:stop:frame_size],)))
+                    return max(1, count + n)
+            count += n
+            window *= 2
+        return count
+
+    def handled(self, batch):
+        """Record that the frames of `batch` were handled: they are now to be acknowledged."""
+        if not batch.count:
+            return
+        if self.mode == MODE_REQUEST_REPLY:
+            self._acks.append(batch.id_bytes())
+            return
+        cover = self.max_ack_cover
+        index = 0               # frames of the batch already placed in a full ACK record
+        while self._unacked + batch.count - index > cover:
+            index += cover - self._unacked
+            self._acks.append(batch.frame_id_bytes(index - 1) + SIZE_LE.pack(cover - 1))
+            self._unacked = 0
+        self._unacked += batch.count - index
+        self._last_id = batch.last_id
+
+    def take_ack(self):
+        """The ACK records for all frames handled and not yet acknowledged (b"" if none)."""
+        if self._unacked:
+            self._acks.append(self._last_id + SIZE_LE.pack(self._unacked - 1))
+            self._unacked = 0
+        if not self._acks:
+            return b""
+        acks = b"".join(self._acks)
+        self._acks.clear()
+        return acks
+
+
+# ###########################################################################################
+# Server
+# ###########################################################################################
+
+BLOCK_SIZE = 1 << 20         # bytes per recv_into: large reads, few system calls
+POOL_BLOCKS = 4              # blocks per connection: bounds memory, and a slow handler pushes
+                             # back through TCP once they are all queued
+ACK_EVERY_BLOCKS = 16        # under continuous load, still ACK at least this often
+SHUTDOWN_GRACE = 5.0         # seconds connections get to finish their blocks at shutdown
+POLL_INTERVAL = 0.5
+
+
+def _peer_name(address):
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+class Connection:
+    """One client connection: a reader thread and, with ack="thread", an AckWorker thread."""
+
+    def __init__(self, server, sock, peer):
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.parser = FrameParser(server.max_payload, server.mode)
+        self.closing = False
+        self._free = queue.SimpleQueue()    # blocks ready for recv_into
+        self._full = queue.SimpleQueue()    # (block, nbytes) for the AckWorker; None at the end
+        self._blocks = 0                    # blocks allocated so far, at most pool_blocks
+        self.close_reason = None
+        self.reader = threading.Thread(target=self._read_loop if server.ack == ACK_THREAD
+                                       else self._inline_loop,
+                                       name=f"smallmsg-reader-{peer}", daemon=True)
+        self.ack_worker = None
+        if server.ack == ACK_THREAD:
+            self.ack_worker = AckWorker(self)
+
+    def start(self):
+        if self.ack_worker is not None:
+            self.ack_worker.start()
+        self.reader.start()
+
+    def join(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in (self.reader, self.ack_worker):
+            if thread is not None:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    @property
+    def alive(self):
+        return self.reader.is_alive() or (self.ack_worker is not None and self.ack_worker.is_alive())
+
+    def stop_reading(self):
+        """Make the reader see the end of the stream: what was read gets finished, no more."""
+        self.closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def abort(self):
+        """Unblock every thread of this connection, even one stuck writing to a peer that
+        does not read."""
+        self.closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _take_block(self):
+        free = self._free
+        if free.empty() and self._blocks < self.server.pool_blocks:
+            self._blocks += 1
+            return bytearray(self.server.block_size)
+        return free.get()
+
+    def _recv(self, block):
+        """recv_into `block`: the byte count, or 0 at the end of the stream (reason noted)."""
+        try:
+            return self.sock.recv_into(block)
+        except socket.timeout:
+            self.close_reason = f"idle for {self.server.idle_timeout:g} s"
+        except OSError as exc:
+            if not self.closing:
+                self.close_reason = f"connection error: {exc.strerror or exc}"
+        return 0
+
+    def _read_loop(self):
+        """Reader thread (ack="thread"): whole blocks to the AckWorker, never single frames."""
+        full = self._full
+        try:
+            while not self.closing:
+                block = self._take_block()
+                if self.closing:
+                    break
+                n = self._recv(block)
+                if not n:
+                    self._free.put(block)
+                    break
+                full.put((block, n))
+        finally:
+            full.put(None)
+
+    def _inline_loop(self):
+        """Reader thread (ack="inline"): read, parse, handle and acknowledge in one thread."""
+        block = bytearray(self.server.block_size)
+        size = len(block)
+        since_ack = 0
+        try:
+            while not self.closing:
+                n = self._recv(block)
+                if not n:
+                    break
+                since_ack += 1
+                if not self.process(block, n):
+                    break
+                # A read that did not fill the block drained the socket: nothing more waits.
+                if n < size or since_ack >= ACK_EVERY_BLOCKS:
+                    since_ack = 0
+                    if not self.send_acks():
+                        break
+        finally:
+            self.finish()
+
+    def process(self, block, n):
+        """Parse a block and hand its frames to the handler; False ends the connection."""
+        parser = self.parser
+        batch = parser.feed(block, n)
+        handler = self.server.handler
+        if batch.count and handler is not None:
+            try:
+                handler(batch)
+            except Exception:
+                log.exception("%s: handler raised; closing the connection, "
+                              "%d frames of this block not acknowledged", self.peer, batch.count)
+                self.close_reason = "handler error"
+                return False
+        parser.handled(batch)
+        if batch.error is not None:
+            self.send_acks()
+            self.close_reason = f"protocol error: {batch.error}"
+            return False
+        if self.server.mode == MODE_REQUEST_REPLY:
+            return self.send_acks()
+        return True
+
+    def send_acks(self):
+        """Send the ACK records due, whole; False if the peer no longer takes them."""
+        acks = self.parser.take_ack()
+        if not acks:
+            return True
+        try:
+            self.sock.sendall(acks)
+            return True
+        except OSError as exc:
+            if self.close_reason is None:
+                self.close_reason = f"cannot send ACKs: {exc.strerror or exc}"
+            return False
+
+    def finish(self):
+        """End of the connection: last ACKs, logs, close, deregister."""
+        if self.close_reason is None or not self.close_reason.startswith(("handler", "protocol")):
+            self.send_acks()
+        if self.parser.pending_bytes:
+            log.warning("%s: connection ended inside a frame; dropped %d bytes of it",
+                        self.peer, self.parser.pending_bytes)
+        self.closing = True
+        reason = self.close_reason
+        if reason is not None and reason.startswith("protocol"):
+            log.warning("%s: %s; closing the connection", self.peer, reason)
+        elif reason is not None and reason != "handler error":
+            log.info("%s: closing: %s", self.peer, reason)
+        try:
+            self.sock.close()
+        finally:
+            self.server._connection_done(self)
+
+
+class AckWorker(threading.Thread):
+    """Takes whole blocks from the reader, parses them, calls the handler, sends coalesced ACKs.
+
+    An ACK goes out as soon as no block is waiting (a client waiting for its last ACK is never
+    kept waiting for more input), and at least every ACK_EVERY_BLOCKS blocks under load.
+    """
+
+    def __init__(self, connection):
+        super().__init__(name=f"smallmsg-ack-{connection.peer}", daemon=True)
+        self.connection = connection
+
+    def run(self):
+        conn = self.connection
+        full = conn._full
+        free = conn._free
+        since_ack = 0
+        try:
+            while True:
+                item = full.get()
+                if item is None:
+                    break
+                block, n = item
+                ok = conn.process(block, n)
+                free.put(block)         # only now: the handler's views into it are done
+                if not ok:
+                    conn.abort()        # wake the reader; it ends with None
+                    self._drain(full, free)
+                    break
+                since_ack += 1
+                if full.empty() or since_ack >= ACK_EVERY_BLOCKS:
+                    since_ack = 0
+                    if not conn.send_acks():
+                        conn.abort()
+                        self._drain(full, free)
+                        break
+        finally:
+            conn.reader.join()
+            conn.finish()
+
+    @staticmethod
+    def _drain(full, free):
+        while True:
+            item = full.get()
+            if item is None:
+                return
+            free.put(item[0])
+
+
+class Server:
+    """A smallmsg server: listens at once; `serve_forever()` or `start()` accepts connections.
+
+    Every frame a client sends is handed to `handler(batch)` (if any) in order, then
+    acknowledged, exactly once. The lifecycle follows `socketserver`: `serve_forever()` blocks
+    until `shutdown()`; `with Server(...) as srv:` shuts down and closes on exit.
+    """
+
+    def __init__(self, address=("127.0.0.1", DEFAULT_PORT), handler=None, *, mode=MODE_ACK,
+                 ack=ACK_THREAD, max_payload=MAX_PAYLOAD, max_connections=None,
+                 idle_timeout=None, block_size=BLOCK_SIZE, pool_blocks=POOL_BLOCKS, backlog=128):
+        size_struct(mode)   # validates
+        if ack not in ACK_STYLES:
+            raise ValueError(f"ack must be one of {', '.join(ACK_STYLES)}, not {ack!r}")
+        if not 0 <= max_payload <= MAX_SIZE_FIELD:
+            raise ValueError(f"max_payload must be between 0 and {MAX_SIZE_FIELD}")
+        if block_size < HEADER_SIZE or pool_blocks < 1:
+            raise ValueError("block_size must hold a header and pool_blocks be at least 1")
+        self.handler = handler
+        self.mode = mode
+        self.ack = ack
+        self.max_payload = max_payload
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.block_size = block_size
+        self.pool_blocks = pool_blocks
+        self.connections_total = 0
+        self._lock = threading.Lock()
+        self._connections = set()
+        self._closed_frames = 0
+        self._closed_bytes = 0
+        self._stop = threading.Event()
+        self._serving = threading.Event()
+        self._done_serving = threading.Event()
+        self._done_serving.set()
+        self._thread = None
+        self._listener = socket.create_server(address, backlog=backlog)
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    @property
+    def address(self):
+        """The (host, port) actually bound."""
+        return self._listener.getsockname()[:2]
+
+    @property
+    def connections(self):
+        """Open connections now."""
+        with self._lock:
+            return len(self._connections)
+
+    @property
+    def stats(self):
+        """Totals: connections accepted, messages and bytes received."""
+        with self._lock:
+            frames = self._closed_frames + sum(c.parser.frames for c in self._connections)
+            nbytes = self._closed_bytes + sum(c.parser.bytes for c in self._connections)
+        return {"connections": self.connections_total, "messages": frames, "bytes": nbytes}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.shutdown()
+        self.close()
+
+    def start(self):
+        """Serve in a background thread; returns at once."""
+        self._thread = threading.Thread(target=self.serve_forever, name="smallmsg-server",
+                                        daemon=True)
+        self._thread.start()
+        self._serving.wait()
+        return self
+
+    def serve_forever(self, poll_interval=POLL_INTERVAL):
+        """Accept connections until `shutdown()` (or `stop_serving()`)."""
+        self._done_serving.clear()
+        self._serving.set()
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._listener, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while not self._stop.is_set():
+                    for key, _ in selector.select(poll_interval):
+                        if key.fileobj is self._listener:
+                            self._accept()
+        finally:
+            self._done_serving.set()
+
+    def _accept(self):
+        try:
+            sock, address = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:      # e.g. out of file descriptors: go on serving
+            log.error("accept failed: %s", exc)
+            return
+        peer = _peer_name(address)
+        with self._lock:
+            full = (self.max_connections is not None
+                    and len(self._connections) >= self.max_connections)
+            if not full:
+                self.connections_total += 1
+        if full:
+            log.warning("%s: refused: max_connections (%d) reached", peer, self.max_connections)
+            sock.close()
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # ACKs are tiny writes
+        sock.settimeout(self.idle_timeout)
+        conn = Connection(self, sock, peer)
+        with self._lock:
+            self._connections.add(conn)
+        log.info("%s: connected", peer)
+        conn.start()
+
+    def _connection_done(self, conn):
+        with self._lock:
+            if conn in self._connections:
+                self._connections.discard(conn)
+                self._closed_frames += conn.parser.frames
+                self._closed_bytes += conn.parser.bytes
+        log.info("%s: disconnected after %d messages", conn.peer, conn.parser.frames)
+
+    def stop_serving(self):
+        """Stop accepting connections; returns at once (safe in a signal handler)."""
+        self._stop.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def shutdown(self, grace=SHUTDOWN_GRACE):
+        """Stop accepting, let every connection finish the blocks it has read, and close them.
+
+        Connections still busy after `grace` seconds (a peer that does not read its ACKs) are
+        cut. Returns once every connection thread has ended.
+        """
+        self.stop_serving()
+        self._done_serving.wait()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            conns = list(self._connections)
+        for conn in conns:
+            conn.stop_reading()
+        deadline = time.monotonic() + grace
+        for conn in conns:
+            conn.join(max(0.0, deadline - time.monotonic()))
+        for conn in conns:
+            if conn.alive:
+                log.warning("%s: still busy after %g s; cutting the connection", conn.peer, grace)
+                conn.abort()
+                conn.join()
+
+    def close(self):
+        """Close the listening socket (after `shutdown()`)."""
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+# ###########################################################################################
+# Client
+# ###########################################################################################
+
+SEND_BUFFER = 1 << 20        # send() buffers frames up to this many bytes before writing
+SEND_CHUNK_FRAMES = 1 << 16  # send_many() writes the ids of up to this many frames at once
+SEND_CHUNK_BYTES = 2 << 20
+ACK_READ_SIZE = 24576        # like the reference clients: 2,048 ACKs per read
+DEFAULT_ACK_TIMEOUT = 20.0   # the series' clients wait up to 20 s for the last ACK
+
+# Column k of a run of ids (byte k of each little-endian u64) for ids n, n+1, ...: the two low
+# bytes repeat every 65,536 ids, so they are slices of these patterns; the high bytes are constant
+# but for one step where the low part wraps.
+_LOW_ID_BYTES = (bytes(range(256)) * 512,
+                 b"".join(bytes([b]) * 256 for b in range(256)) * 2)
+
+
+def _id_columns(first_id, count):
+    """The 8 byte columns of the ids first_id .. first_id + count - 1 (count <= 65,536)."""
+    low = first_id & 0xFFFF
+    high = first_id >> 16
+    before_wrap = min(count, 0x10000 - low)
+    columns = [_LOW_ID_BYTES[0][low:low + count], _LOW_ID_BYTES[1][low:low + count]]
+    for k in range(2, ID_SIZE):
+        shift = 8 * (k - 2)
+        column = bytes([(high >> shift) & 0xFF]) * before_wrap
+        if count > before_wrap:
+            column += bytes([((high + 1) >> shift) & 0xFF]) * (count - before_wrap)
+        columns.append(column)
+    return columns
+
+
+class _UniformTemplate:
+    """A reusable buffer of equal frames whose ids are rewritten a column at a time."""
+
+    def __init__(self, payload, size_field):
+        self.payload = bytes(payload)
+        self.frame_size = HEADER_SIZE + len(payload)
+        self.frames = max(1, min(SEND_CHUNK_FRAMES, SEND_CHUNK_BYTES // self.frame_size))
+        frame = bytes(ID_SIZE) + size_field.pack(len(payload)) + self.payload
+        self.buffer = bytearray(frame * self.frames)
+        self.view = memoryview(self.buffer)
+        self._columns = [None] * ID_SIZE      # what each id column holds now
+
+    def fill(self, first_id, count):
+        """Number the first `count` frames from `first_id`; returns their bytes."""
+        size = self.frame_size
+        stop = count * size
+        for k, column in enumerate(_id_columns(first_id, count)):
+            held = self._columns[k]
+            if held is not None and held[:count] == column:
+                continue            # most columns do not change between chunks
+            self.buffer[k:stop:size] = column
+            self._columns[k] = column if count == self.frames else None
+        return self.view[:stop]
+
+
+class Client:
+    """A smallmsg client: numbers frames 0, 1, 2, ... and checks every ACK.
+
+    ``send(payload)`` buffers one frame and returns its id; ``send_many(payload, count)`` sends
+    `count` equal frames at C speed; ``flush()`` writes what is buffered; ``wait_acked()``
+    waits until every frame sent is acknowledged. Errors carry ``sent`` and ``acked``.
+    """
+
+    def __init__(self, address=("127.0.0.1", DEFAULT_PORT), *, mode=MODE_ACK,
+                 max_payload=MAX_PAYLOAD, connect_timeout=10.0):
+        self._size = size_struct(mode)
+        self.mode = mode
+        self.max_payload = max_payload
+        self.sent = 0
+        self.acked = 0
+        self._last_acked = -1
+        self._out = bytearray()
+        self._in = bytearray(ACK_READ_SIZE)
+        self._in_partial = b""
+        self._template = None
+        self._closed_by_peer = False
+        self.sock = socket.create_connection(address, timeout=connect_timeout)
+        self.sock.settimeout(None)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.address = address
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    @property
+    def unacked(self):
+        return self.sent - self.acked
+
+    def _error(self, cls, message):
+        return cls(message, sent=self.sent, acked=self.acked)
+
+    def _check_payload(self, payload):
+        if len(payload) > self.max_payload:
+            raise ValueError(f"payload of {len(payload)} bytes is over max_payload "
+                             f"({self.max_payload})")
+
+    def send(self, payload):
+        """Buffer one frame; returns its id. Writes once SEND_BUFFER bytes are buffered."""
+        self._check_payload(payload)
+        frame_id = self.sent
+        out = self._out
+        out += FRAME_ID.pack(frame_id)
+        out += self._size.pack(len(payload))
+        out += payload
+        self.sent = frame_id + 1
+        if len(out) >= SEND_BUFFER:
+            self.flush()
+        return frame_id
+
+    def send_batch(self, payloads):
+        """Buffer one frame per payload; returns the id of the first."""
+        first = self.sent
+        for payload in payloads:
+            self.send(payload)
+        return first
+
+    def send_many(self, payload, count):
+        """Send `count` frames with the same payload, ids in bulk; returns the first id."""
+        self._check_payload(payload)
+        self.flush()
+        template = self._template
+        if template is None or template.payload != payload:
+            template = self._template = _UniformTemplate(payload, self._size)
+        first = self.sent
+        left = count
+        while left:
+            # Chunks aligned on multiples of SEND_CHUNK_FRAMES keep the low id columns as they are.
+            n = min(left, template.frames - self.sent % template.frames)
+            data = template.fill(self.sent, n)
+            self.sent += n
+            left -= n
+            self._sendall(data)
+            self.poll_acks()
+        return first
+
+    def flush(self):
+        """Write every buffered frame."""
+        if self._out:
+            out = self._out
+            self._out = bytearray()
+            self._sendall(out)
+
+    def _sendall(self, data):
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise self._error(ConnectionLost, f"connection lost while sending: "
+                                              f"{exc.strerror or exc}") from None
+
+    def poll_acks(self):
+        """Take the ACKs that have arrived, without waiting; returns the acked count."""
+        self._read_acks(0.0)
+        return self.acked
+
+    def wait_acked(self, timeout=DEFAULT_ACK_TIMEOUT):
+        """Flush, then wait until every frame sent is acknowledged.
+
+        Raises AckTimeout (a TimeoutError) after `timeout` seconds (None: no limit),
+        ConnectionLost if the server goes away, ProtocolError on a bad ACK.
+        """
+        self.flush()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.acked < self.sent:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise self._error(AckTimeout, f"no ACK for {self.unacked} of {self.sent} "
+                                              f"frames after {timeout:g} s")
+            self._read_acks(left)
+        return self.acked
+
+    def _read_acks(self, timeout):
+        """Read what ACKs arrive within `timeout` seconds (0: only those already here)."""
+        sock = self.sock
+        if self._closed_by_peer:
+            raise self._error(ConnectionLost, self._closed_message())
+        ready, _, _ = select.select([sock], [], [], timeout)
+        if not ready:
+            return
+        try:
+            n = sock.recv_into(self._in)
+        except OSError as exc:
+            raise self._error(ConnectionLost, f"connection lost while reading ACKs: "
+                                              f"{exc.strerror or exc}") from None
+        if n == 0:
+            self._closed_by_peer = True
+            if self._in_partial:
+                raise self._error(ProtocolError, f"short ACK record: {len(self._in_partial)} "
+                                                 f"bytes, then the connection closed")
+            if self.acked < self.sent:
+                raise self._error(ConnectionLost, self._closed_message())
+            return
+        data = self._in_partial + self._in[:n] if self._in_partial else self._in[:n]
+        self._take_acks(data)
+
+    def _closed_message(self):
+        return (f"server closed the connection; {self.unacked} of {self.sent} frames "
+                f"unacknowledged")
+
+    def _take_acks(self, data):
+        if self.mode == MODE_REQUEST_REPLY:
+            record_size = ID_SIZE
+        else:
+            record_size = ACK_SIZE
+        whole = len(data) - len(data) % record_size
+        self._in_partial = bytes(data[whole:])
+        for pos in range(0, whole, record_size):
+            if record_size == ID_SIZE:
+                (last_id,) = FRAME_ID.unpack_from(data, pos)
+                skipped = 0
+            else:
+                last_id, skipped = ACK_RECORD.unpack_from(data, pos)
+            expected = self._last_acked + skipped + 1
+            if last_id != expected or last_id >= self.sent:
+                raise self._error(ProtocolError, (
+                    f"bad ACK: expected id {expected} (after {self._last_acked}, skipped "
+                    f"{skipped}), got id {last_id} with {self.sent} frames sent"))
+            self._last_acked = last_id
+            self.acked = last_id + 1
+
+    def close(self):
+        """Close the connection (frames still buffered are written first)."""
+        try:
+            if self._out and not self._closed_by_peer:
+                self.flush()
+        except SmallmsgError:
+            pass
+        finally:
+            self.sock.close()
+
+
+# ###########################################################################################
+# Command line
+# ###########################################################################################
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Reports a bad option in one line, not a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _port(text):
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, not {port}")
+    return port
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def main(argv=None):
+    parser = _ArgumentParser(
+        prog="smallmsg", description="smallmsg server: receives frames, sends coalesced ACKs.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1, this machine only; "
+                             "--host 0.0.0.0 exposes the server to the network)")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                        help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--max-payload", type=_non_negative_int, default=MAX_PAYLOAD,
+                        help=f"largest payload accepted, in bytes (default {MAX_PAYLOAD})")
+    parser.add_argument("--mode", choices=MODES, default=MODE_ACK,
+                        help="ack: coalesced ACKs (default); request-reply: step 1 of the "
+                             "series, each frame answered with its id")
+    parser.add_argument("--ack", choices=ACK_STYLES, default=ACK_THREAD,
+                        help="thread: a reader thread hands blocks to an ACK thread (default); "
+                             "inline: the reader parses and ACKs itself")
+    parser.add_argument("--max-connections", type=_non_negative_int, default=None,
+                        help="refuse connections beyond this many (default: no limit)")
+    parser.add_argument("--idle-timeout", type=_positive_float, default=None,
+                        help="close connections idle this many seconds (default: never)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="logging level (default info)")
+    parser.add_argument("--version", action="version", version=f"smallmsg {__version__}")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        server = Server((args.host, args.port), mode=args.mode, ack=args.ack,
+                        max_payload=args.max_payload, max_connections=args.max_connections,
+                        idle_timeout=args.idle_timeout)
+    except OSError as exc:
+        print(f"smallmsg: error: cannot listen on {args.host}:{args.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+    def stop(signum, frame):
+        # A second signal does not wait for connections to finish.
+        signal.signal(signal.SIGINT, lambda *_: os._exit(128 + signum))
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signum))
+        server.stop_serving()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    host, port = server.address
+    print(f"smallmsg listening on {host}:{port} (mode {args.mode}, ack {args.ack})", flush=True)
+    try:
+        server.serve_forever()
+        server.shutdown()
+    finally:
+        server.close()
+    stats = server.stats
+    print(f"smallmsg stopped: {stats['connections']} connections, {stats['messages']} messages, "
+          f"{stats['bytes']} bytes", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
