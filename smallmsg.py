@@ -34,6 +34,7 @@ exact per-frame path. The client writes the ids of a whole batch with the same s
 import argparse
 import array
 import logging
+import math
 import os
 import queue
 import select
@@ -50,7 +51,7 @@ __all__ = [
     "Server", "Client", "FrameParser", "Batch", "Segment",
     "SmallmsgError", "ProtocolError", "ConnectionLost", "AckTimeout",
     "DEFAULT_PORT", "MAX_PAYLOAD", "HEADER_SIZE", "ACK_SIZE",
-    "encode_frame", "encode_ack",
+    "FrameBlock", "encode_frame", "encode_ack",
 ]
 __version__ = "0.1.0"
 
@@ -278,6 +279,11 @@ class Batch:
         return b"".join(parts)
 
 
+def _leading(column, byte):
+    """How many items at the start of `column` equal `byte`."""
+    return len(column) - len(column.lstrip(byte))
+
+
 class FrameParser:
     """Turns the bytes of one connection into batches of whole frames and into ACK records.
 
@@ -293,11 +299,12 @@ class FrameParser:
     #: frames one ACK record covers at most; smaller values only serve tests
     max_ack_cover = MAX_SKIPPED + 1
 
-    def __init__(self, max_payload=MAX_PAYLOAD, mode=MODE_ACK):
+    def __init__(self, max_payload=MAX_PAYLOAD, mode=MODE_ACK, *, fast_runs=True):
         if not 0 <= max_payload <= MAX_SIZE_FIELD:
             raise ValueError(f"max_payload must be between 0 and {MAX_SIZE_FIELD}")
         self.max_payload = max_payload
         self.mode = mode
+        self.fast_runs = fast_runs      # False: every frame on the exact path (tests compare)
         self._size = size_struct(mode)
         self._partial = bytearray()     # the start of a frame that the next feed completes
         self._error = None
@@ -387,7 +394,8 @@ class FrameParser:
         mixed_start = pos       # the frames since the last uniform run, of varying sizes
         mixed_count = 0
         mixed_last = pos
-        skip = 0                # exact frames to take before the next run check
+        # Exact frames to take before the next run check (infinity never counts down to 0).
+        skip = 0 if self.fast_runs else math.inf
         backoff = RUN_BACKOFF_MIN
         error = None
         while pos + HEADER_SIZE <= end:
@@ -443,12 +451,10 @@ class FrameParser:
                 column = buf[first + k:stop:frame_size]
                 byte = expected[k:k + 1]
                 if column != byte * n:
-                    # The run ends inside this window: where the first column breaks.
-                    n = min(len(column) - len(column.lstrip(byte)), *(
-                        len(c) - len(c.lstrip(expected[j:j + 1]))
-                        for j in range(k + 1, 4)
-                        for c in (buf[first + j:stop:frame_size],)))
-                    return max(1, count + n)
+                    # The run ends inside this window, where the first of the columns breaks.
+                    return count + min(
+                        _leading(buf[first + j:stop:frame_size], expected[j:j + 1])
+                        for j in range(k, 4))
             count += n
             window *= 2
         return count
@@ -900,29 +906,84 @@ def _id_columns(first_id, count):
     return columns
 
 
-class _UniformTemplate:
-    """A reusable buffer of equal frames whose ids are rewritten a column at a time."""
+class FrameBlock:
+    """Frames built once and sent many times with fresh ids: what a load generator needs.
 
-    def __init__(self, payload, size_field):
+    ``FrameBlock(payloads)`` lays out one frame per payload; ``FrameBlock.uniform(payload, n)``
+    lays out `n` equal frames, whose ids are then rewritten a byte column at a time (8 strided
+    copies per block instead of one write per frame). ``number(first_id, count)`` writes the ids
+    of the first `count` frames and returns their bytes. Use it with `Client.send_block`.
+    """
+
+    def __init__(self, payloads, mode=MODE_ACK):
+        size_field = size_struct(mode)
+        offsets = []
+        parts = []
+        pos = 0
+        for payload in payloads:
+            offsets.append(pos)
+            parts.append(bytes(ID_SIZE) + size_field.pack(len(payload)) + bytes(payload))
+            pos += HEADER_SIZE + len(payload)
+        self._init(b"".join(parts), offsets, 0, max(map(len, parts), default=0) - HEADER_SIZE)
+
+    @classmethod
+    def uniform(cls, payload, frames, mode=MODE_ACK):
+        """`frames` equal frames carrying `payload`."""
+        self = cls.__new__(cls)
+        frame = bytes(ID_SIZE) + size_struct(mode).pack(len(payload)) + bytes(payload)
+        self._init(frame * frames, range(0, len(frame) * frames, len(frame)), len(frame),
+                   len(payload))
         self.payload = bytes(payload)
-        self.frame_size = HEADER_SIZE + len(payload)
-        self.frames = max(1, min(SEND_CHUNK_FRAMES, SEND_CHUNK_BYTES // self.frame_size))
-        frame = bytes(ID_SIZE) + size_field.pack(len(payload)) + self.payload
-        self.buffer = bytearray(frame * self.frames)
-        self.view = memoryview(self.buffer)
-        self._columns = [None] * ID_SIZE      # what each id column holds now
+        return self
 
-    def fill(self, first_id, count):
-        """Number the first `count` frames from `first_id`; returns their bytes."""
+    def _init(self, data, offsets, frame_size, largest_payload):
+        self.buffer = bytearray(data)
+        self.view = memoryview(self.buffer)
+        self.offsets = offsets
+        self.frames = len(offsets)
+        self.frame_size = frame_size        # 0 when the sizes vary
+        self.largest_payload = largest_payload
+        self.payload = None
+        self._columns = [None] * ID_SIZE    # what each id column holds now (uniform blocks)
+
+    def __len__(self):
+        return self.frames
+
+    def number(self, first_id, count=None):
+        """Give the first `count` frames (all by default) the ids from `first_id` on."""
+        count = self.frames if count is None else count
+        if not 0 <= count <= self.frames:
+            raise ValueError(f"count must be between 0 and {self.frames}")
+        if not count:
+            return self.view[:0]
+        if not self.frame_size:
+            pack_id = FRAME_ID.pack_into
+            buffer = self.buffer
+            for pos, frame_id in zip(self.offsets, range(first_id, first_id + count)):
+                pack_id(buffer, pos, frame_id)
+            return self.view[:self._frame_end(count - 1)]
         size = self.frame_size
         stop = count * size
+        done = 0
+        while done < count:     # ids run in columns of at most 65,536
+            n = min(count - done, 0x10000)
+            self._write_columns(done * size, first_id + done, n)
+            done += n
+        return self.view[:stop]
+
+    def _frame_end(self, index):
+        return self.offsets[index + 1] if index + 1 < self.frames else len(self.buffer)
+
+    def _write_columns(self, start, first_id, count):
+        size = self.frame_size
+        stop = start + count * size
+        whole = start == 0 and count == self.frames
         for k, column in enumerate(_id_columns(first_id, count)):
             held = self._columns[k]
-            if held is not None and held[:count] == column:
-                continue            # most columns do not change between chunks
-            self.buffer[k:stop:size] = column
-            self._columns[k] = column if count == self.frames else None
-        return self.view[:stop]
+            if start == 0 and held is not None and held[:count] == column:
+                continue            # most columns do not change between blocks
+            self.buffer[start + k:stop:size] = column
+            self._columns[k] = column if whole else None
 
 
 class Client:
@@ -938,13 +999,14 @@ class Client:
         self._size = size_struct(mode)
         self.mode = mode
         self.max_payload = max_payload
-        self.sent = 0
+        self.sent = 0                   # frames given ids so far
         self.acked = 0
+        self.bytes_sent = 0             # bytes written to the socket
         self._last_acked = -1
         self._out = bytearray()
         self._in = bytearray(ACK_READ_SIZE)
         self._in_partial = b""
-        self._template = None
+        self._uniform = None            # FrameBlock of the last send_many
         self._closed_by_peer = False
         self.sock = socket.create_connection(address, timeout=connect_timeout)
         self.sock.settimeout(None)
@@ -962,16 +1024,17 @@ class Client:
         return self.sent - self.acked
 
     def _error(self, cls, message):
-        return cls(message, sent=self.sent, acked=self.acked)
+        """An error that says, and carries, how many frames are still unacknowledged."""
+        return cls(f"{message}; {self.unacked} of {self.sent} frames unacknowledged",
+                   sent=self.sent, acked=self.acked)
 
-    def _check_payload(self, payload):
-        if len(payload) > self.max_payload:
-            raise ValueError(f"payload of {len(payload)} bytes is over max_payload "
-                             f"({self.max_payload})")
+    def _check_payload_size(self, size):
+        if size > self.max_payload:
+            raise ValueError(f"payload of {size} bytes is over max_payload ({self.max_payload})")
 
     def send(self, payload):
         """Buffer one frame; returns its id. Writes once SEND_BUFFER bytes are buffered."""
-        self._check_payload(payload)
+        self._check_payload_size(len(payload))
         frame_id = self.sent
         out = self._out
         out += FRAME_ID.pack(frame_id)
@@ -990,22 +1053,29 @@ class Client:
         return first
 
     def send_many(self, payload, count):
-        """Send `count` frames with the same payload, ids in bulk; returns the first id."""
-        self._check_payload(payload)
-        self.flush()
-        template = self._template
-        if template is None or template.payload != payload:
-            template = self._template = _UniformTemplate(payload, self._size)
+        """Send `count` frames with the same payload, ids written in bulk; returns the first id."""
+        self._check_payload_size(len(payload))
+        block = self._uniform
+        if block is None or block.payload != payload:
+            frames = max(1, min(SEND_CHUNK_FRAMES, SEND_CHUNK_BYTES // (HEADER_SIZE + len(payload))))
+            block = self._uniform = FrameBlock.uniform(payload, frames, self.mode)
         first = self.sent
-        left = count
-        while left:
-            # Chunks aligned on multiples of SEND_CHUNK_FRAMES keep the low id columns as they are.
-            n = min(left, template.frames - self.sent % template.frames)
-            data = template.fill(self.sent, n)
-            self.sent += n
-            left -= n
-            self._sendall(data)
-            self.poll_acks()
+        while self.sent < first + count:
+            # Blocks aligned on multiples of their length keep the low id columns as they are.
+            n = min(first + count - self.sent, block.frames - self.sent % block.frames)
+            self.send_block(block, n)
+        return first
+
+    def send_block(self, block, count=None):
+        """Send the first `count` frames of a FrameBlock (all by default) with the next ids;
+        returns the first id."""
+        self._check_payload_size(block.largest_payload)
+        self.flush()
+        first = self.sent
+        data = block.number(first, count)
+        self.sent += block.frames if count is None else count
+        self._sendall(data)
+        self.poll_acks()
         return first
 
     def flush(self):
@@ -1018,6 +1088,7 @@ class Client:
     def _sendall(self, data):
         try:
             self.sock.sendall(data)
+            self.bytes_sent += len(data)
         except OSError as exc:
             raise self._error(ConnectionLost, f"connection lost while sending: "
                                               f"{exc.strerror or exc}") from None
@@ -1038,8 +1109,7 @@ class Client:
         while self.acked < self.sent:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise self._error(AckTimeout, f"no ACK for {self.unacked} of {self.sent} "
-                                              f"frames after {timeout:g} s")
+                raise self._error(AckTimeout, f"ACKs missing after {timeout:g} s")
             self._read_acks(left)
         return self.acked
 
@@ -1047,7 +1117,7 @@ class Client:
         """Read what ACKs arrive within `timeout` seconds (0: only those already here)."""
         sock = self.sock
         if self._closed_by_peer:
-            raise self._error(ConnectionLost, self._closed_message())
+            raise self._error(ConnectionLost, "server closed the connection")
         ready, _, _ = select.select([sock], [], [], timeout)
         if not ready:
             return
@@ -1062,14 +1132,11 @@ class Client:
                 raise self._error(ProtocolError, f"short ACK record: {len(self._in_partial)} "
                                                  f"bytes, then the connection closed")
             if self.acked < self.sent:
-                raise self._error(ConnectionLost, self._closed_message())
+                raise self._error(ConnectionLost, "server closed the connection")
             return
         data = self._in_partial + self._in[:n] if self._in_partial else self._in[:n]
         self._take_acks(data)
 
-    def _closed_message(self):
-        return (f"server closed the connection; {self.unacked} of {self.sent} frames "
-                f"unacknowledged")
 
     def _take_acks(self, data):
         if self.mode == MODE_REQUEST_REPLY:
