@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import queue
-import select
 import selectors
 import signal
 import socket
@@ -376,6 +375,7 @@ class FrameParser:
                 return None
             self._error = self._check_size(partial, 0)
             if self._error is not None:
+                self._partial = bytearray()     # a bad header, not a frame cut short
                 return None
         frame_size = HEADER_SIZE + self._size.unpack_from(partial, SIZE_OFFSET)[0]
         more = min(frame_size - len(partial), end - take)
@@ -497,6 +497,7 @@ POOL_BLOCKS = 4              # blocks per connection: bounds memory, and a slow 
 ACK_EVERY_BLOCKS = 16        # under continuous load, still ACK at least this often
 SHUTDOWN_GRACE = 5.0         # seconds connections get to finish their blocks at shutdown
 POLL_INTERVAL = 0.5
+ACCEPT_RETRY = 0.1           # seconds between accepts while accept() fails (no descriptors)
 
 
 def _peer_name(address):
@@ -750,6 +751,7 @@ class Server:
         self._done_serving = threading.Event()
         self._done_serving.set()
         self._thread = None
+        self._accept_failing = False
         self._listener = socket.create_server(address, backlog=backlog)
         self._wake_r, self._wake_w = socket.socketpair()
 
@@ -807,9 +809,17 @@ class Server:
             sock, address = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:      # e.g. out of file descriptors: go on serving
-            log.error("accept failed: %s", exc)
+        except OSError as exc:
+            # Out of file descriptors, say: the listener stays readable, so pause rather than
+            # spin, and say so once per episode rather than thousands of times a second.
+            if not self._accept_failing:
+                log.error("accept failed: %s; retrying every %g s", exc, ACCEPT_RETRY)
+            self._accept_failing = True
+            self._stop.wait(ACCEPT_RETRY)
             return
+        if self._accept_failing:
+            log.info("accepting connections again")
+            self._accept_failing = False
         peer = _peer_name(address)
         with self._lock:
             full = (self.max_connections is not None
@@ -995,7 +1005,7 @@ class Client:
     """
 
     def __init__(self, address=("127.0.0.1", DEFAULT_PORT), *, mode=MODE_ACK,
-                 max_payload=MAX_PAYLOAD, connect_timeout=10.0):
+                 max_payload=MAX_PAYLOAD, timeout=DEFAULT_ACK_TIMEOUT):
         self._size = size_struct(mode)
         self.mode = mode
         self.max_payload = max_payload
@@ -1008,9 +1018,12 @@ class Client:
         self._in_partial = b""
         self._uniform = None            # FrameBlock of the last send_many
         self._closed_by_peer = False
-        self.sock = socket.create_connection(address, timeout=connect_timeout)
-        self.sock.settimeout(None)
+        self.timeout = timeout      # the longest any call waits for the server (None: no limit)
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.setblocking(False)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.sock, selectors.EVENT_READ)
         self.address = address
 
     def __enter__(self):
@@ -1078,65 +1091,97 @@ class Client:
         self.poll_acks()
         return first
 
-    def flush(self):
+    def flush(self, deadline=None):
         """Write every buffered frame."""
         if self._out:
             out = self._out
             self._out = bytearray()
-            self._sendall(out)
+            self._sendall(out, deadline)
 
-    def _sendall(self, data):
-        try:
-            self.sock.sendall(data)
-            self.bytes_sent += len(data)
-        except OSError as exc:
-            raise self._error(ConnectionLost, f"connection lost while sending: "
-                                              f"{exc.strerror or exc}") from None
+    def _sendall(self, data, deadline=None):
+        """Write all of `data`, reading ACKs whenever the socket cannot take more: a server
+        blocked on writing ACKs we do not read would otherwise stop reading our frames."""
+        view = memoryview(data).cast("B")
+        sock = self.sock
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise self._error(ConnectionLost, f"connection lost while sending: "
+                                                  f"{exc.strerror or exc}") from None
+            self.bytes_sent += sent
+            view = view[sent:]
+            if view:
+                self._wait(deadline, writing=True)
+
+    def _wait(self, deadline, writing=False):
+        """Wait until the socket is readable (ACKs taken) or, if `writing`, writable.
+
+        Raises AckTimeout once `deadline` (a time.monotonic() value; None: the client's
+        timeout, measured from now) passes with nothing happening."""
+        if deadline is None and self.timeout is not None:
+            deadline = time.monotonic() + self.timeout
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            raise self._error(AckTimeout, "timed out waiting for the server")
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+        if self._selector.get_key(self.sock).events != events:
+            self._selector.modify(self.sock, events)
+        ready = self._selector.select(timeout)
+        if not ready:
+            raise self._error(AckTimeout, "timed out waiting for the server")
+        if ready[0][1] & selectors.EVENT_READ:     # ACKs, or the end: take what is there
+            self._read_acks()
 
     def poll_acks(self):
         """Take the ACKs that have arrived, without waiting; returns the acked count."""
-        self._read_acks(0.0)
+        self._read_acks()
         return self.acked
 
-    def wait_acked(self, timeout=DEFAULT_ACK_TIMEOUT):
+    def wait_acked(self, timeout=None):
         """Flush, then wait until every frame sent is acknowledged.
 
-        Raises AckTimeout (a TimeoutError) after `timeout` seconds (None: no limit),
-        ConnectionLost if the server goes away, ProtocolError on a bad ACK.
+        Raises AckTimeout (a TimeoutError) once `timeout` seconds pass (default: the client's
+        `timeout`), ConnectionLost if the server goes away, ProtocolError on a bad ACK.
         """
-        self.flush()
+        timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.acked < self.sent:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise self._error(AckTimeout, f"ACKs missing after {timeout:g} s")
-            self._read_acks(left)
+        try:
+            self.flush(deadline)
+            while self.acked < self.sent:
+                self._wait(deadline)
+        except AckTimeout:
+            raise self._error(AckTimeout, f"ACKs missing after {timeout:g} s") from None
         return self.acked
 
-    def _read_acks(self, timeout):
-        """Read what ACKs arrive within `timeout` seconds (0: only those already here)."""
+    def _read_acks(self):
+        """Take every ACK that has arrived (the socket is non-blocking)."""
         sock = self.sock
         if self._closed_by_peer:
             raise self._error(ConnectionLost, "server closed the connection")
-        ready, _, _ = select.select([sock], [], [], timeout)
-        if not ready:
-            return
-        try:
-            n = sock.recv_into(self._in)
-        except OSError as exc:
-            raise self._error(ConnectionLost, f"connection lost while reading ACKs: "
-                                              f"{exc.strerror or exc}") from None
-        if n == 0:
-            self._closed_by_peer = True
-            if self._in_partial:
-                raise self._error(ProtocolError, f"short ACK record: {len(self._in_partial)} "
-                                                 f"bytes, then the connection closed")
-            if self.acked < self.sent:
-                raise self._error(ConnectionLost, "server closed the connection")
-            return
-        data = self._in_partial + self._in[:n] if self._in_partial else self._in[:n]
-        self._take_acks(data)
-
+        while True:
+            try:
+                n = sock.recv_into(self._in)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                raise self._error(ConnectionLost, f"connection lost while reading ACKs: "
+                                                  f"{exc.strerror or exc}") from None
+            if n == 0:
+                self._closed_by_peer = True
+                if self._in_partial:
+                    raise self._error(ProtocolError, f"short ACK record: "
+                                                     f"{len(self._in_partial)} bytes, then the "
+                                                     f"connection closed")
+                if self.acked < self.sent:
+                    raise self._error(ConnectionLost, "server closed the connection")
+                return
+            data = self._in_partial + self._in[:n] if self._in_partial else self._in[:n]
+            self._take_acks(data)
+            if n < len(self._in):
+                return
 
     def _take_acks(self, data):
         if self.mode == MODE_REQUEST_REPLY:
@@ -1167,6 +1212,7 @@ class Client:
         except SmallmsgError:
             pass
         finally:
+            self._selector.close()
             self.sock.close()
 
 

@@ -4,10 +4,15 @@ Every network test uses 127.0.0.1 and ephemeral ports; every loop is bounded in 
 Speed is never asserted here: bench.sh measures it.
 """
 
+import collections
+import inspect
 import contextlib
+import json
 import logging
 import os
 import random
+import re
+import select
 import signal
 import socket
 import struct
@@ -129,6 +134,194 @@ def wait_for(condition, timeout=5.0, interval=0.01):
             return True
         time.sleep(interval)
     return condition()
+
+
+ACK_STYLES = smallmsg.ACK_STYLES
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def no_crashed_threads():
+    """Fail the test if any thread (a server thread above all) dies of an uncaught exception."""
+    crashes = []
+    previous = threading.excepthook
+
+    def hook(args):
+        crashes.append(f"{args.thread.name if args.thread else '?'}: "
+                       f"{args.exc_type.__name__}: {args.exc_value}")
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield crashes
+    finally:
+        threading.excepthook = previous
+    assert not crashes, f"threads crashed: {crashes}"
+
+
+def peer_of(sock):
+    """How the server names this client socket's end: 'host:port'."""
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+class PeerRecorder:
+    """A handler that keeps the frames it gets per connection.
+
+    The handler runs in the connection's own thread, named after the peer
+    ('smallmsg-ack-127.0.0.1:PORT' or 'smallmsg-reader-127.0.0.1:PORT'), so the peer is read off
+    the thread name.
+    """
+
+    def __init__(self):
+        self.frames = collections.defaultdict(list)
+        self.lock = threading.Lock()
+
+    def __call__(self, batch):
+        peer = threading.current_thread().name.rsplit("-", 1)[-1]
+        frames = [(frame_id, bytes(payload)) for frame_id, payload in batch]
+        with self.lock:
+            self.frames[peer].extend(frames)
+
+    def of(self, peer):
+        with self.lock:
+            return list(self.frames.get(peer, ()))
+
+    def pop(self, peer):
+        with self.lock:
+            return self.frames.pop(peer, [])
+
+
+def read_until_closed(sock, timeout=5.0):
+    """(bytes received, how it ended): 'eof', 'reset', or 'open' if still open at `timeout`."""
+    sock.settimeout(0.2)
+    data = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return bytes(data), "reset"
+        if not chunk:
+            return bytes(data), "eof"
+        data += chunk
+    return bytes(data), "open"
+
+
+def read_acks_covering(sock, count, timeout=5.0):
+    """Read ACK records until they cover `count` frames; returns the records."""
+    sock.settimeout(0.2)
+    data = bytearray()
+    covered = 0
+    deadline = time.monotonic() + timeout
+    while covered < count and time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not chunk:
+            break
+        data += chunk
+        whole = len(data) - len(data) % ACK_SIZE
+        covered = sum(skipped + 1 for _, skipped in acks_of(bytes(data[:whole])))
+    return acks_of(bytes(data))
+
+
+def reset(sock):
+    """Close with SO_LINGER 0: the peer gets a RST, not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def messages(caplog, peer=None, min_level=logging.DEBUG):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "smallmsg" and r.levelno >= min_level
+            and (peer is None or peer in r.getMessage())]
+
+
+def still_serves(server, count=1000):
+    """A fresh client gets every frame acknowledged."""
+    with smallmsg.Client(server.address) as client:
+        client.send_many(b"hello", count)
+        client.wait_acked(timeout=10)
+        return client.acked == count
+
+
+def serving(server):
+    return server._thread is not None and server._thread.is_alive()
+
+
+def small_rcvbuf_socket(address, rcvbuf=4096):
+    """A client socket whose receive buffer is small (set before connecting, so it sticks)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(address)
+    return sock
+
+
+def push(sock, chunk, limit, deadline, stall=1.0, on_tick=None):
+    """Send `chunk` again and again without ever reading, until `limit` bytes are sent,
+    `deadline` (monotonic) passes, or the socket takes nothing for `stall` seconds.
+    Returns (bytes pushed, True if it stalled: TCP backpressure)."""
+    sock.setblocking(False)
+    view = memoryview(chunk)
+    pos = pushed = 0
+    last_progress = time.monotonic()
+    while pushed < limit and time.monotonic() < deadline:
+        if on_tick is not None:
+            on_tick()
+        _, writable, _ = select.select([], [sock], [], 0.05)
+        n = 0
+        if writable:
+            try:
+                n = sock.send(view[pos:])
+            except BlockingIOError:
+                n = 0
+        if n:
+            pushed += n
+            pos = (pos + n) % len(chunk)
+            last_progress = time.monotonic()
+        elif time.monotonic() - last_progress > stall:
+            return pushed, True
+    return pushed, False
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS line")
+
+
+def kill(process):
+    if process.poll() is None:
+        process.kill()
+    with contextlib.suppress(Exception):
+        process.communicate(timeout=10)
+
+
+def start_server(*args, **popen_options):
+    """smallmsg.py on a free port: (process, host, port) once it says it listens. A server
+    that does not start as expected is killed before the test fails, never waited on."""
+    options = {"stderr": subprocess.PIPE, **popen_options}
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "smallmsg.py"), "--port", "0", *args],
+        stdout=subprocess.PIPE, text=True, **options)
+    line = process.stdout.readline()
+    match = re.match(r"smallmsg listening on (\S+):(\d+) ", line)
+    if match is None:
+        kill(process)
+        raise AssertionError(f"the server did not start: {line!r}")
+    return process, match[1], int(match[2])
+
+
+def client_py(*args):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "client.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -522,16 +715,6 @@ def test_client_refuses_a_payload_over_max_payload():
 # Command lines
 # ------------------------------------------------------------------------------------------
 
-def start_cli_server(*args):
-    """smallmsg.py on a free port: (process, port), once it says it listens."""
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "smallmsg.py"), "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
-    assert line.startswith("smallmsg listening on 127.0.0.1:"), line + process.stderr.read()
-    return process, int(line.split()[3].rsplit(":", 1)[1])
-
-
 def run_client(*args, timeout=60):
     return subprocess.run([sys.executable, os.path.join(HERE, "client.py"), *args],
                           capture_output=True, text=True, timeout=timeout)
@@ -539,7 +722,7 @@ def run_client(*args, timeout=60):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_cli_server_serves_and_stops_cleanly_on_signal(signum):
-    process, port = start_cli_server()
+    process, _, port = start_server()
     try:
         result = run_client("--port", str(port), "--count", "100000", "--iterations", "2")
         assert result.returncode == 0, result.stderr
@@ -580,7 +763,6 @@ def test_cli_bad_option_is_one_line_and_nonzero(args):
 def test_client_spawn_runs_rounds_and_leaves_nothing():
     result = run_client("--spawn", "--count", "50000", "--iterations", "3", "--json")
     assert result.returncode == 0, result.stderr
-    import json
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["first_id"] for r in records] == [0, 50000, 100000]
     assert all(r["bytes"] == 50000 * 17 for r in records)
@@ -598,3 +780,924 @@ def test_client_without_server_is_one_line_and_nonzero():
     result = run_client("--port", str(port), "--count", "10", timeout=20)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "cannot connect" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Reliability: bad input, slow and stuck peers, many connections, shutdown, client failures
+# ------------------------------------------------------------------------------------------
+
+# ------------------------------------------------------------------------------------------
+# 1. Bad input on one connection
+# ------------------------------------------------------------------------------------------
+
+GOOD = [b"good %d" % i for i in range(20)]
+LIMIT = 100                  # max_payload of these servers
+
+
+def garbage():
+    """Random bytes whose first header announces more than LIMIT (checked, not assumed)."""
+    data = random.Random(4).randbytes(500)
+    frames, _, bad = reference_frames(data, LIMIT)
+    assert frames == [] and bad
+    return data
+
+
+def send_bad_input(kind, sock):
+    """Send GOOD, then the bad input of `kind`. Returns (the ACK records the socket could still
+    read, the words the log line must give as the reason)."""
+    good = stream_of(GOOD)
+    if kind == "over_max_payload":
+        too_big = smallmsg.encode_frame(20, b"x" * (LIMIT + 1))
+        sock.sendall(good + too_big + stream_of([b"late"], 21))
+        data, _ = read_until_closed(sock)
+        return acks_of(data), "over"
+    if kind == "over_max_payload_split":
+        # The bad header straddles two reads: the parser meets it while completing a carry.
+        bad = smallmsg.encode_frame(20, b"x" * (LIMIT + 1))
+        sock.sendall(good + bad[:6])
+        records = read_acks_covering(sock, len(GOOD))     # proves those bytes were read
+        sock.sendall(bad[6:])
+        data, _ = read_until_closed(sock)
+        return records + acks_of(data), "over"
+    if kind == "garbage":
+        sock.sendall(good + garbage())
+        data, _ = read_until_closed(sock)
+        return acks_of(data), "protocol error"
+    if kind == "cut_off":
+        sock.sendall(good + smallmsg.encode_frame(20, b"y" * 50)[:40])
+        sock.shutdown(socket.SHUT_WR)
+        data, how = read_until_closed(sock)
+        assert how == "eof"
+        return acks_of(data), "inside a frame"
+    if kind == "reset":
+        sock.sendall(good + smallmsg.encode_frame(20, b"y" * 50)[:40])
+        records = read_acks_covering(sock, len(GOOD))
+        reset(sock)
+        return records, "reset"
+    raise AssertionError(kind)
+
+
+BAD_INPUTS = ["over_max_payload", "over_max_payload_split", "garbage", "cut_off", "reset"]
+
+
+@pytest.mark.parametrize("ack", ACK_STYLES)
+@pytest.mark.parametrize("kind", [k for k in BAD_INPUTS if k != "over_max_payload_split"])
+def test_bad_input_delivers_frames_before_logs_closes_and_spares_others(kind, ack, caplog):
+    caplog.set_level(logging.INFO, logger="smallmsg")
+    recorder = PeerRecorder()
+    with running_server(recorder, ack=ack, max_payload=LIMIT) as server:
+        with smallmsg.Client(server.address) as other:      # open before, during and after
+            other.send_many(b"hello", 500)
+            other.wait_acked(timeout=5)
+            bad = socket.create_connection(server.address)
+            peer = peer_of(bad)
+            try:
+                records, reason = send_bad_input(kind, bad)
+            finally:
+                bad.close()
+            # The frames before the bad input were delivered, in order, and acknowledged.
+            assert wait_for(lambda: len(recorder.of(peer)) >= len(GOOD))
+            assert check_ack_coverage(records, len(GOOD)) == len(GOOD)
+            # One log line names the peer and the reason; the connection is gone.
+            assert wait_for(lambda: any(reason in m for m in messages(caplog, peer))), \
+                messages(caplog)
+            assert wait_for(lambda: server.connections == 1)
+            # The other connection goes on, new ones are served, the server still runs.
+            other.send_many(b"hello", 500)
+            other.wait_acked(timeout=5)
+            assert other.acked == 1000
+            assert still_serves(server)
+            assert serving(server)
+        assert recorder.of(peer) == list(enumerate(GOOD))       # nothing after the bad input
+
+
+def warnings_after_bad_input(kind, ack, caplog):
+    """The WARNING (or worse) log lines that name the peer, once its connection is over."""
+    caplog.set_level(logging.INFO, logger="smallmsg")
+    with running_server(ack=ack, max_payload=LIMIT) as server:
+        bad = socket.create_connection(server.address)
+        peer = peer_of(bad)
+        try:
+            records, reason = send_bad_input(kind, bad)
+        finally:
+            bad.close()
+        assert check_ack_coverage(records, len(GOOD)) == len(GOOD)
+        assert wait_for(lambda: server.connections == 0)
+        assert wait_for(lambda: any("disconnected" in m for m in messages(caplog, peer)))
+    return messages(caplog, peer, logging.WARNING), messages(caplog, peer), reason
+
+
+@pytest.mark.parametrize("ack", ACK_STYLES)
+@pytest.mark.parametrize("kind", [k for k in BAD_INPUTS if k != "over_max_payload_split"])
+def test_bad_input_gives_exactly_one_warning_naming_the_peer(kind, ack, caplog):
+    """'one log line names the peer and the reason': not a second, misleading one."""
+    warnings, lines, reason = warnings_after_bad_input(kind, ack, caplog)
+    if kind == "reset":
+        # A reset is the peer's doing: logged at info with its reason; the dropped partial
+        # frame is the one warning.
+        assert any("reset" in m.lower() for m in lines), lines
+        assert len(warnings) == 1 and "inside a frame" in warnings[0], warnings
+    else:
+        assert len(warnings) == 1 and reason in warnings[0], warnings
+
+
+@pytest.mark.parametrize("ack", ACK_STYLES)
+def test_bad_header_split_across_reads_gives_exactly_one_warning(ack, caplog):
+    warnings, _, reason = warnings_after_bad_input("over_max_payload_split", ack, caplog)
+    assert any(reason in m for m in warnings), warnings
+    assert len(warnings) == 1, warnings
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Fuzz: random and mutated streams
+# ------------------------------------------------------------------------------------------
+
+FUZZ_SEED = 20261204
+FUZZ_MAX_STREAMS = 4000      # per server
+FUZZ_BUDGET = 5.0            # seconds per server
+FUZZ_WORKERS = 4             # connections open at once
+FUZZ_LIMIT = 3000            # max_payload
+FUZZ_BLOCK = 1024            # tiny blocks: frames straddle reads all the time
+
+
+def fuzz_stream(rng):
+    """A random stream: valid, mutated, truncated, or pure garbage."""
+    sizes = [0, 1, 5, 17, 255, 256, FUZZ_LIMIT, FUZZ_LIMIT - 1]
+    payloads = [rng.randbytes(rng.choice(sizes) if rng.random() < 0.7 else
+                              rng.randrange(FUZZ_LIMIT + 1))
+                for _ in range(rng.randrange(0, 40))]
+    data = bytearray(stream_of(payloads, first_id=rng.randrange(1 << 40)))
+    kind = rng.randrange(8)
+    if kind == 0 or not data:                       # pure random
+        return rng.randbytes(rng.randrange(1, 600))
+    if kind == 1:                                   # flipped bytes
+        for _ in range(rng.randrange(1, 6)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif kind == 2:                                 # truncated anywhere
+        del data[rng.randrange(len(data)):]
+    elif kind == 3:                                 # random bytes inserted
+        at = rng.randrange(len(data) + 1)
+        data[at:at] = rng.randbytes(rng.randrange(1, 40))
+    elif kind == 4:                                 # a size field set near or over the limit
+        at = rng.randrange(0, max(1, len(data) - 12))
+        size = rng.choice([FUZZ_LIMIT, FUZZ_LIMIT + 1, 0xFFFFFFFF, rng.randrange(1 << 32)])
+        struct.pack_into("<I", data, at + 8, size)
+    elif kind == 5:                                 # random tail
+        data += rng.randbytes(rng.randrange(1, 100))
+    elif kind == 6:                                 # a slice repeated
+        a = rng.randrange(len(data))
+        b = rng.randrange(a, len(data) + 1)
+        data[b:b] = data[a:b] * rng.randrange(1, 4)
+    # kind 7: valid, unchanged
+    return bytes(data)
+
+
+def fuzz_one(rng, address, recorder, failures):
+    data = fuzz_stream(rng)
+    sock = socket.create_connection(address, timeout=5)
+    try:
+        peer = peer_of(sock)
+        sent_all = True
+        try:
+            pos = 0
+            while pos < len(data):                  # random write boundaries
+                n = rng.randrange(1, len(data) - pos + 1)
+                sock.sendall(data[pos:pos + n])
+                pos += n
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:                             # the server closed on a protocol error
+            sent_all = False
+        received, how = read_until_closed(sock, timeout=5)
+        # Once the server has closed, its handler calls for this connection are over.
+        delivered = recorder.pop(peer)
+    finally:
+        sock.close()
+    expected, _, bad = reference_frames(data, FUZZ_LIMIT)
+
+    def fail(message):
+        failures.append(f"{message} (stream {data[:64].hex()}..., {len(data)} bytes)")
+
+    if how == "open":
+        return fail("server did not close after the stream ended")
+    if len(received) % ACK_SIZE:
+        return fail(f"{len(received)} bytes of ACKs: not whole records")
+    if delivered != expected[:len(delivered)] or (sent_all and delivered != expected):
+        return fail(f"handler got {len(delivered)} frames, expected {len(expected)}")
+    covered = 0
+    for last_id, skipped in acks_of(received):
+        covered += skipped + 1
+        if covered > len(delivered):
+            return fail(f"ACKs cover {covered} frames, only {len(delivered)} delivered")
+        if last_id != delivered[covered - 1][0]:
+            return fail(f"ACK id {last_id} is not that of frame {covered - 1}")
+    if how == "eof" and covered != len(delivered):
+        return fail(f"ACKs cover {covered} of {len(delivered)} delivered frames")
+    return bad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ack", ACK_STYLES)
+def test_fuzz_never_crashes_never_acks_undelivered_frames(ack):
+    recorder = PeerRecorder()
+    failures = []
+    counts = collections.Counter()
+    lock = threading.Lock()
+    deadline = time.monotonic() + FUZZ_BUDGET
+    with running_server(recorder, ack=ack, max_payload=FUZZ_LIMIT,
+                        block_size=FUZZ_BLOCK) as server:
+        def worker(index):
+            rng = random.Random(FUZZ_SEED + index)
+            for _ in range(FUZZ_MAX_STREAMS // FUZZ_WORKERS):
+                if time.monotonic() > deadline or len(failures) > 10:
+                    return
+                bad = fuzz_one(rng, server.address, recorder, failures)
+                with lock:
+                    counts["streams"] += 1
+                    counts["protocol errors"] += bool(bad)
+
+        workers = [threading.Thread(target=worker, args=(i,), daemon=True)
+                   for i in range(FUZZ_WORKERS)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(FUZZ_BUDGET + 30)
+        assert not any(thread.is_alive() for thread in workers)
+        assert not failures, failures[:5]
+        assert serving(server)
+        assert still_serves(server)
+        assert wait_for(lambda: server.connections == 0)
+    # Enough streams of both kinds to mean something (about 4,000 here in the time budget).
+    assert counts["streams"] >= 500, counts
+    assert counts["protocol errors"] >= 100 and counts["streams"] - counts["protocol errors"] >= 100
+
+
+# ------------------------------------------------------------------------------------------
+# 3. Slow consumer: memory stays bounded, other connections go on
+# ------------------------------------------------------------------------------------------
+
+RSS_BOUND_KIB = 64 * 1024    # above the baseline: 4 blocks of 1 MiB + a 1 MiB carry, and slack
+PUSH_LIMIT = 300 * MiB
+PUSH_BUDGET = 15.0
+
+
+def slow_consumer_chunk(mode):
+    if mode == smallmsg.MODE_REQUEST_REPLY:
+        # Empty frames: 12 bytes in, 8 bytes of reply out that the peer never reads.
+        return stream_of([b""] * 40000, mode=mode)
+    # Small frames, then one of the maximum payload: it always straddles reads (the carry).
+    return stream_of([b"hello"] * 30000) + smallmsg.encode_frame(30000, bytes(smallmsg.MAX_PAYLOAD))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", smallmsg.MODES)
+def test_slow_consumer_does_not_grow_server_memory(mode):
+    process, host, port = start_server("--mode", mode, "--log-level", "warning")
+    address = (host, port)
+    pusher = other = None
+    try:
+        # Warm up, so the baseline holds what any connection costs once.
+        with smallmsg.Client(address, mode=mode) as client:
+            client.send_many(b"hello", 20000)
+            client.wait_acked(timeout=10)
+        baseline = rss_kib(process.pid)
+        peak = baseline
+        checks = []
+        other = smallmsg.Client(address, mode=mode)
+        next_check = [time.monotonic()]
+
+        def tick():
+            nonlocal peak
+            peak = max(peak, rss_kib(process.pid))
+            if time.monotonic() >= next_check[0]:
+                other.send_many(b"hello", 1000)
+                other.wait_acked(timeout=5)      # another connection is served meanwhile
+                checks.append(other.acked)
+                next_check[0] = time.monotonic() + 0.1
+
+        pusher = small_rcvbuf_socket(address)
+        pushed, stalled = push(pusher, slow_consumer_chunk(mode), PUSH_LIMIT,
+                               time.monotonic() + PUSH_BUDGET, stall=1.5, on_tick=tick)
+        for _ in range(3):
+            tick()
+            time.sleep(0.1)
+        assert process.poll() is None
+        grown = peak - baseline
+        assert grown < RSS_BOUND_KIB, \
+            f"RSS grew from {baseline} KiB by {grown} KiB after {pushed >> 20} MiB pushed"
+        assert len(checks) >= 3 and checks[-1] == 1000 * len(checks)
+        if mode == smallmsg.MODE_REQUEST_REPLY:
+            # Replies pile up unread: the server stops reading and TCP pushes back.
+            assert stalled and pushed < PUSH_LIMIT
+        else:
+            # ACKs are tiny: the server keeps reading; hundreds of MiB went through.
+            assert pushed >= 100 * MiB, f"only {pushed >> 20} MiB pushed"
+    finally:
+        for sock in (pusher, other):
+            if sock is not None:
+                sock.close()
+        kill(process)
+
+
+# ------------------------------------------------------------------------------------------
+# 4. Idle and stuck peers
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ack", ACK_STYLES)
+def test_idle_timeout_closes_a_silent_connection_not_a_talking_one(ack, caplog):
+    caplog.set_level(logging.INFO, logger="smallmsg")
+    with running_server(ack=ack, idle_timeout=0.3) as server:
+        silent = socket.create_connection(server.address)
+        peer = peer_of(silent)
+        started = time.monotonic()
+        with silent, smallmsg.Client(server.address) as talker:
+            for _ in range(12):                  # 1.2 s of traffic, a frame every 0.1 s
+                talker.send(b"ping")
+                talker.wait_acked(timeout=5)
+                time.sleep(0.1)
+            assert talker.acked == 12            # still open: idle means silent, not old
+            data, how = read_until_closed(silent, timeout=5)
+            assert how in ("eof", "reset") and data == b""
+            assert time.monotonic() - started >= 0.25
+        assert wait_for(lambda: any("idle" in m for m in messages(caplog, peer)))
+
+
+def test_without_idle_timeout_a_silent_connection_stays_open():
+    with running_server() as server:
+        with socket.create_connection(server.address) as silent:
+            data, how = read_until_closed(silent, timeout=1.2)
+            assert how == "open" and data == b""
+            silent.sendall(stream_of([b"still here"]))
+            assert acks_of(recv_exactly(silent, ACK_SIZE)) == [(0, 0)]
+
+
+def stuck_request_reply_peer(address):
+    """A request-reply peer that sends and never reads, until the server blocks on its replies
+    and TCP stops taking more."""
+    sock = small_rcvbuf_socket(address)
+    pushed, stalled = push(sock, stream_of([b""] * 40000, mode=smallmsg.MODE_REQUEST_REPLY),
+                           256 * MiB, time.monotonic() + 15, stall=1.0)
+    assert stalled, f"{pushed >> 20} MiB pushed and TCP never pushed back"
+    return sock
+
+
+@pytest.mark.parametrize("ack", ACK_STYLES)
+def test_peer_that_stops_reading_cannot_block_shutdown(ack, caplog):
+    caplog.set_level(logging.INFO, logger="smallmsg")
+    server = smallmsg.Server(LOOPBACK, mode=smallmsg.MODE_REQUEST_REPLY, ack=ack,
+                             block_size=1 << 16)
+    server.start()
+    stuck = None
+    try:
+        stuck = stuck_request_reply_peer(server.address)
+        peer = peer_of(stuck)
+        done = threading.Event()
+        started = time.monotonic()
+        thread = threading.Thread(target=lambda: (server.shutdown(grace=0.5), done.set()),
+                                  daemon=True)
+        thread.start()
+        thread.join(0.5 + 5)
+        elapsed = time.monotonic() - started
+        assert done.is_set(), "shutdown() still blocked by a peer that does not read"
+        assert elapsed < 0.5 + 3
+        # It was stuck for real: shutdown had to cut it after the grace.
+        assert any("still busy" in m for m in messages(caplog, peer))
+        assert server.connections == 0
+    finally:
+        if stuck is not None:
+            stuck.close()
+        server.close()
+
+
+# ------------------------------------------------------------------------------------------
+# 5. Many connections, a connection limit, no leaked threads
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ack", ACK_STYLES)
+def test_300_concurrent_connections_are_all_fully_acknowledged(ack):
+    count = 300
+    recorder = PeerRecorder()
+    baseline = threading.active_count()
+    clients = []
+    with running_server(recorder, ack=ack, block_size=1 << 16) as server:
+        serving_threads = threading.active_count()
+        try:
+            for _ in range(count):
+                clients.append(smallmsg.Client(server.address))
+            assert wait_for(lambda: server.connections == count, timeout=10)
+            for i, client in enumerate(clients):         # all open at once, all sending
+                client.send_many(b"c%d" % i, 100 + i)
+            for i, client in enumerate(clients):
+                client.wait_acked(timeout=20)
+                assert client.acked == client.sent == 100 + i
+            for i, client in enumerate(clients):
+                assert recorder.of(peer_of(client.sock)) == [(n, b"c%d" % i)
+                                                             for n in range(100 + i)]
+        finally:
+            for client in clients:
+                client.close()
+        assert wait_for(lambda: server.connections == 0, timeout=10)
+        assert wait_for(lambda: threading.active_count() <= serving_threads, timeout=10), \
+            f"{threading.active_count() - serving_threads} connection threads left"
+        assert still_serves(server)
+    assert wait_for(lambda: threading.active_count() <= baseline, timeout=10)
+
+
+@pytest.mark.parametrize("ack", ACK_STYLES)
+def test_max_connections_refuses_the_next_one_and_goes_on(ack, caplog):
+    caplog.set_level(logging.INFO, logger="smallmsg")
+    limit = 3
+    with running_server(ack=ack, max_connections=limit) as server:
+        clients = [smallmsg.Client(server.address) for _ in range(limit)]
+        try:
+            for client in clients:
+                client.send_many(b"hello", 100)
+                client.wait_acked(timeout=5)
+            assert wait_for(lambda: server.connections == limit)
+            with socket.create_connection(server.address) as extra:
+                peer = peer_of(extra)
+                data, how = read_until_closed(extra, timeout=5)
+                assert how in ("eof", "reset") and data == b""
+            assert wait_for(lambda: any("refused" in m for m in messages(caplog, peer)))
+            assert server.connections == limit
+            for client in clients:                         # the ones in go on
+                client.send_many(b"hello", 100)
+                client.wait_acked(timeout=5)
+            clients.pop().close()                          # room again: accepted
+            assert wait_for(lambda: server.connections == limit - 1)
+            assert still_serves(server)
+            assert serving(server)
+        finally:
+            for client in clients:
+                client.close()
+
+
+def low_fd_limit():
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+
+
+@pytest.mark.slow
+def test_out_of_file_descriptors_neither_floods_the_log_nor_stops_serving(tmp_path):
+    """No --max-connections, and more connections than the process may open."""
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:      # a pipe would fill up and block the server
+        process, host, port = start_server(stderr=log_file, preexec_fn=low_fd_limit)
+    try:
+        address = (host, port)
+        crowd = []
+        try:
+            for _ in range(40):                  # more than 32 descriptors' worth
+                crowd.append(socket.create_connection(address, timeout=5))
+            time.sleep(1.0)
+            assert process.poll() is None        # never crash
+        finally:
+            for sock in crowd:
+                sock.close()
+        with smallmsg.Client(address) as client:  # descriptors free again: served
+            client.send_many(b"hello", 1000)
+            client.wait_acked(timeout=10)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=10)
+        assert process.returncode == 0
+    finally:
+        kill(process)
+    failures = log_path.read_text().count("accept failed")
+    assert failures >= 1, "the descriptor limit was never reached: the test proves nothing"
+    assert failures <= 20, f"{failures} 'accept failed' lines in about a second"
+
+
+def test_cli_max_connections_and_idle_timeout():
+    process, host, port = start_server("--max-connections", "1", "--idle-timeout", "0.5")
+    try:
+        address = (host, port)
+        with socket.create_connection(address) as first:
+            first.sendall(stream_of([b"hello"]))
+            assert acks_of(recv_exactly(first, ACK_SIZE)) == [(0, 0)]
+            with socket.create_connection(address) as second:
+                assert read_until_closed(second, timeout=5) in ((b"", "eof"), (b"", "reset"))
+            assert read_until_closed(first, timeout=5)[1] in ("eof", "reset")   # idle
+        # The slot is free again (once the server has deregistered the closed connection,
+        # which may be just after the client sees it close: hence a few tries).
+        for attempt in range(20):
+            try:
+                with smallmsg.Client(address) as client:
+                    client.send_many(b"hello", 1000)
+                    client.wait_acked(timeout=5)
+                break
+            except smallmsg.ConnectionLost:
+                time.sleep(0.1)
+        assert client.acked == 1000
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=10)
+        assert process.returncode == 0, err
+        assert "refused" in err and "idle" in err and "Traceback" not in err
+    finally:
+        kill(process)
+
+
+# ------------------------------------------------------------------------------------------
+# 6. Clean shutdown
+# ------------------------------------------------------------------------------------------
+
+class Counter:
+    def __init__(self):
+        self.frames = 0
+
+    def __call__(self, batch):
+        self.frames += len(batch)      # one thread per connection: no lock needed for one
+
+
+@pytest.mark.parametrize("ack", ACK_STYLES)
+def test_shutdown_while_streaming_acks_every_handled_frame_in_whole_records(ack):
+    counter = Counter()
+    server = smallmsg.Server(LOOPBACK, handler=counter, ack=ack)
+    server.start()
+    received = bytearray()
+    ended = []
+    sent = [0]
+    stop = threading.Event()
+    sock = socket.create_connection(server.address)
+    try:
+        def read():
+            data, how = read_until_closed(sock, timeout=15)
+            received.extend(data)
+            ended.append(how)
+
+        def write():
+            block = smallmsg.FrameBlock.uniform(b"hello", 4096)
+            deadline = time.monotonic() + 15
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    sock.sendall(block.number(sent[0]))
+                except OSError:
+                    return
+                sent[0] += len(block)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (read, write)]
+        for thread in threads:
+            thread.start()
+        assert wait_for(lambda: counter.frames > 100_000, timeout=10)
+        started = time.monotonic()
+        server.shutdown()
+        elapsed = time.monotonic() - started
+        handled = counter.frames
+        stop.set()
+        for thread in threads:
+            thread.join(20)
+    finally:
+        stop.set()
+        sock.close()
+        server.close()
+    assert elapsed < smallmsg.SHUTDOWN_GRACE, "a reading peer should not need the grace period"
+    assert ended and ended[0] in ("eof", "reset")
+    assert len(received) % ACK_SIZE == 0, f"{len(received)} bytes: a partial ACK record"
+    # Every frame handed to the handler is acknowledged, exactly, in order; nothing more.
+    assert check_ack_coverage(acks_of(bytes(received)), handled) == handled <= sent[0]
+
+
+@pytest.mark.parametrize("ack", ACK_STYLES)
+def test_shutdown_while_a_client_streams_ends_it_with_connection_lost_or_all_acked(ack):
+    server = smallmsg.Server(LOOPBACK, ack=ack)
+    server.start()
+    outcome = []
+    stop = threading.Event()
+    client = smallmsg.Client(server.address)
+    try:
+        def stream():
+            try:
+                deadline = time.monotonic() + 15
+                while not stop.is_set() and time.monotonic() < deadline:
+                    client.send_many(b"hello", 20000)
+                client.wait_acked(timeout=5)
+                outcome.append(("all acked", client.sent, client.acked))
+            except smallmsg.SmallmsgError as exc:
+                outcome.append((type(exc).__name__, exc.sent, exc.acked))
+
+        thread = threading.Thread(target=stream, daemon=True)
+        thread.start()
+        assert wait_for(lambda: client.acked > 50_000, timeout=10)
+        started = time.monotonic()
+        server.shutdown()
+        elapsed = time.monotonic() - started
+        stop.set()
+        thread.join(15)
+    finally:
+        stop.set()
+        client.close()
+        server.close()
+    assert elapsed < smallmsg.SHUTDOWN_GRACE
+    assert len(outcome) == 1
+    kind, sent, acked = outcome[0]
+    assert kind in ("all acked", "ConnectionLost"), outcome      # never a ProtocolError
+    assert 0 < acked <= sent
+    if kind == "all acked":
+        assert acked == sent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_cli_signal_while_a_client_streams_exits_0_within_seconds(signum):
+    process, host, port = start_server()
+    client = None
+    try:
+        client = client_py("--host", host, "--port", str(port), "--count", "200000000",
+                           "--timeout", "5")
+        time.sleep(1.0)
+        assert client.poll() is None, client.communicate()
+        started = time.monotonic()
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=15)
+        elapsed = time.monotonic() - started
+        assert process.returncode == 0, err
+        assert elapsed < smallmsg.SHUTDOWN_GRACE, "a reading client should not need the grace"
+        assert "Traceback" not in err
+        assert "smallmsg stopped: 1 connections" in out
+        _, client_err = client.communicate(timeout=15)
+        assert client.returncode != 0
+        assert client_err.count("\n") == 1 and "unacknowledged" in client_err, client_err
+    finally:
+        kill(process)
+        if client is not None:
+            kill(client)
+
+
+def test_cli_second_signal_exits_at_once():
+    process, host, port = start_server("--mode", smallmsg.MODE_REQUEST_REPLY)
+    stuck = None
+    try:
+        stuck = stuck_request_reply_peer((host, port))
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert process.poll() is None, "the first signal should wait for the busy connection"
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=10)
+        assert time.monotonic() - started < 2
+        assert process.returncode != 0
+    finally:
+        if stuck is not None:
+            stuck.close()
+        kill(process)
+
+
+# ------------------------------------------------------------------------------------------
+# 7. Client side
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_client_py_reports_a_server_killed_mid_run():
+    process, host, port = start_server("--log-level", "warning")
+    client = None
+    try:
+        client = client_py("--host", host, "--port", str(port), "--count", "200000000",
+                           "--timeout", "10")
+        time.sleep(1.0)
+        assert client.poll() is None, client.communicate()
+        process.kill()
+        process.wait(10)
+        started = time.monotonic()
+        _, err = client.communicate(timeout=20)
+        assert time.monotonic() - started < 5
+        assert client.returncode != 0
+        assert err.count("\n") == 1, err
+        assert "unacknowledged" in err
+        assert any(word in err.lower() for word in ("lost", "closed", "reset")), err
+        assert "Traceback" not in err
+    finally:
+        kill(process)
+        if client is not None:
+            kill(client)
+
+
+FRAMES = 1000
+GOOD_ACKS = 500
+
+
+@contextlib.contextmanager
+def fake_server(misbehave):
+    """A server that reads FRAMES frames of 17 bytes, acknowledges the first GOOD_ACKS
+    correctly, then does `misbehave(conn)`."""
+    listener = socket.create_server(LOOPBACK)
+    done = threading.Event()
+
+    def serve():
+        conn, _ = listener.accept()
+        try:
+            recv_exactly(conn, 17 * FRAMES, timeout=10)
+            conn.sendall(smallmsg.encode_ack(GOOD_ACKS - 1, GOOD_ACKS - 1))
+            time.sleep(0.05)
+            misbehave(conn)
+            done.wait(10)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with listener:
+            yield listener.getsockname()
+    finally:
+        done.set()
+        thread.join(15)
+
+
+MALFORMED = {
+    "gap": (lambda conn: conn.sendall(smallmsg.encode_ack(600, 50)), "expected id 550"),
+    "repeat": (lambda conn: conn.sendall(smallmsg.encode_ack(GOOD_ACKS - 1, 0)),
+               "expected id 500"),
+    "beyond_sent": (lambda conn: conn.sendall(smallmsg.encode_ack(FRAMES + 10, 510)),
+                    "1000 frames sent"),
+    "short": (lambda conn: (conn.sendall(smallmsg.encode_ack(600, 100)[:5]),
+                            conn.shutdown(socket.SHUT_WR)), "short ACK record"),
+}
+
+
+@pytest.mark.parametrize("kind", MALFORMED)
+def test_client_raises_protocol_error_with_counts_on_a_malformed_ack_mid_run(kind):
+    misbehave, words = MALFORMED[kind]
+    with fake_server(misbehave) as address, smallmsg.Client(address) as client:
+        client.send_many(b"hello", FRAMES)
+        started = time.monotonic()
+        with pytest.raises(smallmsg.ProtocolError) as info:
+            client.wait_acked(timeout=5)
+        assert time.monotonic() - started < 4
+    assert words in str(info.value)
+    assert info.value.sent == FRAMES and info.value.acked == GOOD_ACKS
+    assert info.value.unacked == FRAMES - GOOD_ACKS
+    assert f"{FRAMES - GOOD_ACKS} of {FRAMES} frames unacknowledged" in str(info.value)
+
+
+def test_client_py_reports_a_malformed_ack_in_one_line():
+    misbehave, _ = MALFORMED["gap"]
+    with fake_server(misbehave) as (_, port):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "client.py"),
+                                 "--port", str(port), "--count", str(FRAMES), "--timeout", "5"],
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "bad ACK" in result.stderr
+    assert f"{FRAMES - GOOD_ACKS} of {FRAMES} frames unacknowledged" in result.stderr
+
+
+def test_client_raises_connection_lost_with_counts_on_a_reset_mid_run():
+    def misbehave(conn):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    with fake_server(misbehave) as address, smallmsg.Client(address) as client:
+        client.send_many(b"hello", FRAMES)
+        with pytest.raises(smallmsg.ConnectionLost) as info:
+            client.wait_acked(timeout=5)
+            client.send_many(b"hello", 10)      # the reset may surface on the next write
+            client.wait_acked(timeout=5)
+    assert info.value.acked == GOOD_ACKS and info.value.sent >= FRAMES
+    assert "unacknowledged" in str(info.value)
+
+
+def test_wait_acked_stops_at_its_timeout_while_acks_trickle_in():
+    listener = socket.create_server(LOOPBACK)
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = listener.accept()
+        with conn:
+            recv_exactly(conn, 17 * FRAMES, timeout=10)
+            for frame_id in range(FRAMES):          # one ACK per frame, 20 per second
+                if stop.wait(0.05):
+                    return
+                conn.sendall(smallmsg.encode_ack(frame_id, 0))
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    with listener, smallmsg.Client(listener.getsockname()) as client:
+        client.send_many(b"hello", FRAMES)
+        started = time.monotonic()
+        with pytest.raises(smallmsg.AckTimeout) as info:
+            client.wait_acked(timeout=0.5)
+        elapsed = time.monotonic() - started
+        stop.set()
+    thread.join(5)
+    assert 0.5 <= elapsed < 1.5
+    assert 0 < info.value.acked < FRAMES
+
+
+@pytest.mark.slow
+def test_wait_acked_stops_at_its_timeout_when_the_server_stops_reading():
+    listener = socket.create_server(LOOPBACK)
+    with listener, smallmsg.Client(listener.getsockname()) as client:
+        conn, _ = listener.accept()                 # accepted, never read
+        with conn:
+            # Fill the socket buffers as earlier frames would have, then buffer one more frame.
+            # (MSG_DONTWAIT: the client's socket is left in whatever mode the client uses.)
+            filled = 0
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(10_000):
+                    filled += client.sock.send(bytes(65536), socket.MSG_DONTWAIT)
+            assert filled > 0
+            client.send(b"hello")
+            outcome = []
+
+            def wait():
+                try:
+                    client.wait_acked(timeout=0.5)
+                except smallmsg.SmallmsgError as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=wait, daemon=True)
+            started = time.monotonic()
+            thread.start()
+            thread.join(2)
+            elapsed = time.monotonic() - started
+            blocked = thread.is_alive()
+        # Closing `conn` resets the connection and unblocks the thread if it was stuck.
+        thread.join(5)
+    assert not blocked, f"wait_acked(timeout=0.5) still blocked after {elapsed:.1f} s"
+    assert isinstance(outcome[0], smallmsg.AckTimeout)
+    assert outcome[0].sent == 1 and outcome[0].acked == 0
+
+
+@pytest.mark.slow
+def test_request_reply_client_streaming_many_frames_does_not_deadlock():
+    """Step 1 of the series, streamed in one call. The replies (8 bytes per frame) outgrow any
+    socket buffer the kernel may grow to (at most 32 + 4 MiB here), so a client that does not
+    read them while it writes always deadlocks; client.py's default 2,000,000 often does."""
+    frames = 10_000_000
+    with running_server(mode=smallmsg.MODE_REQUEST_REPLY) as server:
+        client = smallmsg.Client(server.address, mode=smallmsg.MODE_REQUEST_REPLY)
+        outcome = []
+
+        def run():
+            try:
+                client.send_many(b"hi", frames)
+                client.wait_acked(timeout=20)
+                outcome.append(client.acked)
+            except smallmsg.SmallmsgError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        progress, still_since = None, time.monotonic()
+        deadline = time.monotonic() + 30
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(0.1)
+            now = (client.sent, client.acked)
+            if now != progress:
+                progress, still_since = now, time.monotonic()
+            elif time.monotonic() - still_since > 2:
+                break                       # no progress either way for 2 s: stuck
+        stuck = thread.is_alive()
+        server.shutdown(grace=0.2)          # cuts the connection: unblocks a stuck client
+        thread.join(5)
+        client.close()
+    assert not stuck, f"no progress for 2 s at (sent, acked) = {progress}"
+    assert outcome == [frames]
+
+
+# ------------------------------------------------------------------------------------------
+# 8. Security by default
+# ------------------------------------------------------------------------------------------
+
+def test_library_defaults_are_loopback_only():
+    address = inspect.signature(smallmsg.Server).parameters["address"].default
+    assert address == ("127.0.0.1", smallmsg.DEFAULT_PORT)
+    assert inspect.signature(smallmsg.Client).parameters["address"].default[0] == "127.0.0.1"
+    assert inspect.signature(smallmsg.Server).parameters["max_payload"].default == \
+        smallmsg.MAX_PAYLOAD == 1 << 20
+
+
+def listening_sockets():
+    """(address hex, port) of every IPv4 and IPv6 listening TCP socket, from /proc/net."""
+    found = set()
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/net/{name}") as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                local, state = fields[1], fields[3]
+                if state == "0A":                  # TCP_LISTEN
+                    host, port = local.split(":")
+                    found.add((host, int(port, 16)))
+    return found
+
+
+def test_cli_listens_on_loopback_only_by_default():
+    process, host, port = start_server()
+    try:
+        assert host == "127.0.0.1"
+        bound = {host for host, p in listening_sockets() if p == port}
+        assert bound == {"0100007F"}, bound      # 127.0.0.1, not 0.0.0.0 nor ::
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=10)
+        kill(process)
+    assert process.returncode == 0
+
+
+def test_server_default_host_binds_loopback():
+    """Server() binds its default host: 127.0.0.1 (port 0 here, so the test never collides)."""
+    host, _ = inspect.signature(smallmsg.Server).parameters["address"].default
+    with smallmsg.Server((host, 0)) as server:
+        assert server.address[0] == "127.0.0.1"
+        bound = {h for h, p in listening_sockets() if p == server.address[1]}
+        assert bound == {"0100007F"}, bound
