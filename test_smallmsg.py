@@ -1402,7 +1402,7 @@ def test_cli_signal_while_a_client_streams_exits_0_within_seconds(signum):
     client = None
     try:
         client = client_py("--host", host, "--port", str(port), "--count", "200000000",
-                           "--timeout", "5")
+                           "--iterations", "100", "--timeout", "5")
         time.sleep(1.0)
         assert client.poll() is None, client.communicate()
         started = time.monotonic()
@@ -1450,7 +1450,7 @@ def test_client_py_reports_a_server_killed_mid_run():
     process, host, port = start_server("--log-level", "warning")
     client = None
     try:
-        client = client_py("--host", host, "--port", str(port), "--count", "200000000",
+        client = client_py("--host", host, "--port", str(port), "--count", "200000000", "--iterations", "100",
                            "--timeout", "10")
         time.sleep(1.0)
         assert client.poll() is None, client.communicate()
@@ -1701,3 +1701,34 @@ def test_server_default_host_binds_loopback():
         assert server.address[0] == "127.0.0.1"
         bound = {h for h, p in listening_sockets() if p == server.address[1]}
         assert bound == {"0100007F"}, bound
+
+
+# ------------------------------------------------------------------------------------------
+# Thread placement
+# ------------------------------------------------------------------------------------------
+
+def allowed_cpus(thread):
+    return os.sched_getaffinity(thread.native_id)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+@pytest.mark.parametrize("affinity", [True, False])
+def test_a_connections_two_threads_keep_to_one_cpu(affinity):
+    everywhere = os.sched_getaffinity(0)
+    seen = {}
+
+    def handler(batch):
+        seen["cpus"] = os.sched_getaffinity(0)
+
+    with running_server(handler, affinity=affinity) as server:
+        with smallmsg.Client(server.address) as client:
+            client.send(b"hello")
+            client.wait_acked(timeout=5)
+            (conn,) = server._connections
+            reader_cpus = allowed_cpus(conn.reader)
+    if affinity:
+        assert len(seen["cpus"]) == 1 and seen["cpus"] == reader_cpus
+        assert seen["cpus"] <= everywhere
+    else:
+        assert seen["cpus"] == reader_cpus == everywhere
+    assert os.sched_getaffinity(0) == everywhere     # the caller's own thread is left alone
