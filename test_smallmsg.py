@@ -1450,8 +1450,8 @@ def test_client_py_reports_a_server_killed_mid_run():
     process, host, port = start_server("--log-level", "warning")
     client = None
     try:
-        client = client_py("--host", host, "--port", str(port), "--count", "200000000", "--iterations", "100",
-                           "--timeout", "10")
+        client = client_py("--host", host, "--port", str(port), "--count", "200000000",
+                           "--iterations", "100", "--timeout", "10")
         time.sleep(1.0)
         assert client.poll() is None, client.communicate()
         process.kill()
