@@ -144,12 +144,26 @@ RUN_WINDOW_START = 64        # frames proven by the first strided check of a run
 RUN_BACKOFF_MIN = 4          # exact frames before the next run check after a failed one...
 RUN_BACKOFF_MAX = 256        # ...doubling up to this
 
-Segment = namedtuple("Segment", "buffer start end count frame_size last")
-Segment.__doc__ = """Consecutive whole frames of a Batch inside one buffer.
+class Segment(namedtuple("Segment", "buffer start end count frame_size last")):
+    """Consecutive whole frames of a Batch inside one buffer.
 
-`buffer[start:end]` holds `count` frames; `frame_size` is their common size (header included) or
-0 when their sizes vary; `last` is the offset of the last frame.
-"""
+    `buffer[start:end]` holds `count` frames; `frame_size` is their common size (header included)
+    or 0 when their sizes vary; `last` is the offset of the last frame.
+    """
+
+    __slots__ = ()
+
+    @property
+    def raw(self):
+        """The frames' bytes, headers included, as a memoryview (no copy)."""
+        return memoryview(self.buffer)[self.start:self.end]
+
+    def rows(self):
+        """Frames of one size as a 2-D memoryview, a row per frame (no copy): with numpy,
+        ``numpy.asarray(segment.rows())[:, 12:]`` are the payloads as a strided view."""
+        if not self.frame_size:
+            raise ValueError("the frames of this segment vary in size")
+        return self.raw.cast("B", (self.count, self.frame_size))
 
 
 class Batch:
@@ -518,7 +532,8 @@ class Connection:
         self._free = queue.SimpleQueue()    # blocks ready for recv_into
         self._full = queue.SimpleQueue()    # (block, nbytes) for the AckWorker; None at the end
         self._blocks = 0                    # blocks allocated so far, at most pool_blocks
-        self.close_reason = None
+        self.close_reason = None            # why the connection ends, logged when it does...
+        self._close_level = logging.INFO    # ...at this level
         self.reader = threading.Thread(target=self._read_loop if server.ack == ACK_THREAD
                                        else self._inline_loop,
                                        name=f"smallmsg-reader-{peer}", daemon=True)
@@ -567,15 +582,21 @@ class Connection:
             return bytearray(self.server.block_size)
         return free.get()
 
+    def _end_because(self, reason, level=logging.INFO):
+        """Note why the connection ends (the first reason wins)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            self._close_level = level
+
     def _recv(self, block):
         """recv_into `block`: the byte count, or 0 at the end of the stream (reason noted)."""
         try:
             return self.sock.recv_into(block)
         except socket.timeout:
-            self.close_reason = f"idle for {self.server.idle_timeout:g} s"
+            self._end_because(f"idle for {self.server.idle_timeout:g} s")
         except OSError as exc:
             if not self.closing:
-                self.close_reason = f"connection error: {exc.strerror or exc}"
+                self._end_because(f"connection error: {exc.strerror or exc}")
         return 0
 
     def keep_to_cpu(self):
@@ -633,14 +654,15 @@ class Connection:
             try:
                 handler(batch)
             except Exception:
+                # Logged here, with its traceback; these frames are never acknowledged.
                 log.exception("%s: handler raised; closing the connection, "
                               "%d frames of this block not acknowledged", self.peer, batch.count)
-                self.close_reason = "handler error"
+                self._end_because("handler error", level=logging.DEBUG)
                 return False
         parser.handled(batch)
         if batch.error is not None:
             self.send_acks()
-            self.close_reason = f"protocol error: {batch.error}"
+            self._end_because(f"protocol error: {batch.error}", level=logging.WARNING)
             return False
         if self.server.mode == MODE_REQUEST_REPLY:
             return self.send_acks()
@@ -655,23 +677,18 @@ class Connection:
             self.sock.sendall(acks)
             return True
         except OSError as exc:
-            if self.close_reason is None:
-                self.close_reason = f"cannot send ACKs: {exc.strerror or exc}"
+            self._end_because(f"cannot send ACKs: {exc.strerror or exc}")
             return False
 
     def finish(self):
         """End of the connection: last ACKs, logs, close, deregister."""
-        if self.close_reason is None or not self.close_reason.startswith(("handler", "protocol")):
-            self.send_acks()
+        self.send_acks()        # frames handled and not yet acknowledged, if the peer listens
         if self.parser.pending_bytes:
             log.warning("%s: connection ended inside a frame; dropped %d bytes of it",
                         self.peer, self.parser.pending_bytes)
         self.closing = True
-        reason = self.close_reason
-        if reason is not None and reason.startswith("protocol"):
-            log.warning("%s: %s; closing the connection", self.peer, reason)
-        elif reason is not None and reason != "handler error":
-            log.info("%s: closing: %s", self.peer, reason)
+        if self.close_reason is not None:
+            log.log(self._close_level, "%s: closing: %s", self.peer, self.close_reason)
         try:
             self.sock.close()
         finally:

@@ -429,6 +429,14 @@ def test_batch_bulk_views_match_frame_by_frame():
     assert batch.id_bytes() == struct.pack(f"<{len(payloads)}Q", *batch.ids)
     assert batch.last_id == struct.pack("<Q", 1000 + len(payloads) - 1)
     assert batch.frame_id_bytes(300) == struct.pack("<Q", 1300)
+    run = next(seg for seg in batch.segments if seg.frame_size)
+    assert run.raw.nbytes == run.count * run.frame_size == run.end - run.start
+    assert run.rows().shape == (run.count, 17)
+    first = bytes(run.rows().tolist()[0])
+    assert first == smallmsg.encode_frame(struct.unpack_from("<Q", first)[0], b"hello")
+    mixed = next(seg for seg in batch.segments if not seg.frame_size)
+    with pytest.raises(ValueError):
+        mixed.rows()
 
 
 # Fast paths against the exact path, on the same bytes -------------------------------------
