@@ -398,6 +398,24 @@ def test_garbage_is_an_error_not_a_crash():
     assert errors > 100    # random headers mostly announce huge payloads
 
 
+def test_carried_bytes_never_exceed_max_payload_plus_a_header():
+    """What a peer can make the parser hold: one frame of at most max_payload, nothing more."""
+    limit = 5000
+    parser = FrameParser(max_payload=limit)
+    frame = smallmsg.encode_frame(0, b"z" * limit)
+    held = 0
+    for piece in chunked(frame[:-1], 333):
+        assert not parser.feed(piece)
+        held = max(held, parser.pending_bytes)
+    assert held == len(frame) - 1 <= limit + HEADER_SIZE
+    assert list(parser.feed(frame[-1:])) and parser.pending_bytes == 0
+    # A header announcing more is refused as soon as it is whole, before any payload arrives.
+    for size in (limit + 1, 0xFFFFFFFF):
+        parser = FrameParser(max_payload=limit)
+        batch = parser.feed(struct.pack("<QI", 0, size))
+        assert batch.error is not None and parser.pending_bytes == 0
+
+
 def test_request_reply_mode_reads_big_endian_sizes_and_answers_each_id():
     payloads = [b"hello", b"", b"x" * 300]
     data = stream_of(payloads, first_id=7, mode=smallmsg.MODE_REQUEST_REPLY)
