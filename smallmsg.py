@@ -541,7 +541,7 @@ class Connection:
         self.cpu = None                     # the CPU both threads keep to, if any
         if server.ack == ACK_THREAD:
             self.ack_worker = AckWorker(self)
-            self.cpu = server._next_cpu()
+        self.cpu = server._next_cpu()
 
     def start(self):
         if self.ack_worker is not None:
@@ -626,6 +626,7 @@ class Connection:
 
     def _inline_loop(self):
         """Reader thread (ack="inline"): read, parse, handle and acknowledge in one thread."""
+        self.keep_to_cpu()
         block = bytearray(self.server.block_size)
         size = len(block)
         since_ack = 0
@@ -774,9 +775,10 @@ class Server:
         # With ack="thread", each block passes from the reader thread to the ACK thread. When
         # the two run on different cores, every hand-off costs a cross-core wake-up and the
         # block's cache lines move too; when they share one core, the hand-off is nearly free.
-        # So a connection's two threads keep to one CPU, connections taking the CPUs in turn.
+        # So a connection's threads keep to one CPU (the one thread of ack="inline" too, which
+        # keeps its block in that CPU's cache), connections taking the CPUs in turn.
         self._cpus = None
-        if affinity and ack == ACK_THREAD and hasattr(os, "sched_getaffinity"):
+        if affinity and hasattr(os, "sched_getaffinity"):
             self._cpus = sorted(os.sched_getaffinity(0))
             self._cpu_turn = os.getpid()    # servers on one machine start on different CPUs
         self.connections_total = 0
@@ -1318,8 +1320,8 @@ def main(argv=None):
                         help="thread: a reader thread hands blocks to an ACK thread (default); "
                              "inline: the reader parses and ACKs itself")
     parser.add_argument("--no-affinity", dest="affinity", action="store_false",
-                        help="with --ack thread, let the OS place a connection's two threads "
-                             "anywhere (default: both keep to one CPU, connections in turn)")
+                        help="let the OS place a connection's threads anywhere (default: they "
+                             "keep to one CPU, connections taking the CPUs in turn)")
     parser.add_argument("--max-connections", type=_non_negative_int, default=None,
                         help="refuse connections beyond this many (default: no limit)")
     parser.add_argument("--idle-timeout", type=_positive_float, default=None,

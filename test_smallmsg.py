@@ -1738,15 +1738,16 @@ def allowed_cpus(thread):
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+@pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
 @pytest.mark.parametrize("affinity", [True, False])
-def test_a_connections_two_threads_keep_to_one_cpu(affinity):
+def test_a_connections_threads_keep_to_one_cpu(affinity, ack):
     everywhere = os.sched_getaffinity(0)
     seen = {}
 
     def handler(batch):
         seen["cpus"] = os.sched_getaffinity(0)
 
-    with running_server(handler, affinity=affinity) as server:
+    with running_server(handler, affinity=affinity, ack=ack) as server:
         with smallmsg.Client(server.address) as client:
             client.send(b"hello")
             client.wait_acked(timeout=5)
