@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import queue
+import select
 import selectors
 import signal
 import socket
@@ -84,10 +85,20 @@ FRAME_ID = struct.Struct("<Q")               # ids as u64: how the reference cli
 ACK_RECORD = struct.Struct("<QI")
 
 
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _check_max_payload(max_payload):
+    if not 0 <= max_payload <= MAX_SIZE_FIELD:
+        raise ValueError(f"max_payload must be between 0 and {MAX_SIZE_FIELD}, "
+                         f"not {max_payload}")
+
+
 def size_struct(mode):
     """The struct of the size field in `mode`: little-endian, big-endian for request-reply."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    _check_choice("mode", mode, MODES)
     return SIZE_BE if mode == MODE_REQUEST_REPLY else SIZE_LE
 
 
@@ -313,8 +324,7 @@ class FrameParser:
     max_ack_cover = MAX_SKIPPED + 1
 
     def __init__(self, max_payload=MAX_PAYLOAD, mode=MODE_ACK, *, fast_runs=True):
-        if not 0 <= max_payload <= MAX_SIZE_FIELD:
-            raise ValueError(f"max_payload must be between 0 and {MAX_SIZE_FIELD}")
+        _check_max_payload(max_payload)
         self.max_payload = max_payload
         self.mode = mode
         self.fast_runs = fast_runs      # False: every frame on the exact path (tests compare)
@@ -381,9 +391,9 @@ class FrameParser:
     def _complete_partial(self, data, end, segments):
         """Complete the carried frame from the start of `data`; return where `data` goes on."""
         partial = self._partial
-        have = len(partial)
-        take = min(HEADER_SIZE - have, end) if have < HEADER_SIZE else 0
-        if take > 0:
+        take = 0
+        if len(partial) < HEADER_SIZE:
+            take = min(HEADER_SIZE - len(partial), end)
             partial += memoryview(data)[:take]
             if len(partial) < HEADER_SIZE:
                 return None
@@ -509,9 +519,14 @@ BLOCK_SIZE = 1 << 20         # bytes per recv_into: large reads, few system call
 POOL_BLOCKS = 2              # blocks per connection: bounds memory, and a slow handler pushes
                              # back through TCP once they are all queued
 ACK_EVERY_BLOCKS = 16        # under continuous load, still ACK at least this often
+DEFAULT_MAX_CONNECTIONS = 1024   # each costs two threads and up to POOL_BLOCKS blocks
 SHUTDOWN_GRACE = 5.0         # seconds connections get to finish their blocks at shutdown
-POLL_INTERVAL = 0.5
+POLL_INTERVAL = 0.5          # seconds between checks for shutdown in serve_forever
 ACCEPT_RETRY = 0.1           # seconds between accepts while accept() fails (no descriptors)
+REFUSAL_LOG_INTERVAL = 1.0   # at most one warning a second for refused connections
+CLOSE_LINGER = 1.0           # at close, seconds to read and discard what the peer still sends...
+CLOSE_LINGER_BYTES = 16 << 20    # ...and how much: a close with unread input sends a RST,
+                                 # which makes the peer drop the ACKs it has not read yet
 
 
 def _peer_name(address):
@@ -520,8 +535,24 @@ def _peer_name(address):
     return str(address)
 
 
+if hasattr(select, "poll"):
+    def _wait_readable(sock, timeout):
+        """True once `sock` has data, EOF or an error; False after `timeout` s (None: never)."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+else:   # pragma: no cover - Windows
+    def _wait_readable(sock, timeout):
+        """True once `sock` has data, EOF or an error; False after `timeout` s (None: never)."""
+        return bool(select.select([sock], [], [], timeout)[0])
+
+
 class Connection:
-    """One client connection: a reader thread and, with ack="thread", an AckWorker thread."""
+    """One client connection: its reader thread and, with ack="thread", its AckWorker thread.
+
+    The reader waits for data before it takes a block, so a silent connection holds none, and
+    the idle timeout applies to reading only: a peer slow to read its ACKs is not "idle".
+    """
 
     def __init__(self, server, sock, peer):
         self.server = server
@@ -529,34 +560,35 @@ class Connection:
         self.peer = peer
         self.parser = FrameParser(server.max_payload, server.mode)
         self.closing = False
-        self._free = queue.SimpleQueue()    # blocks ready for recv_into
+        self._free = queue.SimpleQueue()    # blocks ready for recv_into; None: stop reading
         self._full = queue.SimpleQueue()    # (block, nbytes) for the AckWorker; None at the end
         self._blocks = 0                    # blocks allocated so far, at most pool_blocks
         self.close_reason = None            # why the connection ends, logged when it does...
         self._close_level = logging.INFO    # ...at this level
-        self.reader = threading.Thread(target=self._read_loop if server.ack == ACK_THREAD
-                                       else self._inline_loop,
-                                       name=f"smallmsg-reader-{peer}", daemon=True)
-        self.ack_worker = None
-        self.cpu = None                     # the CPU both threads keep to, if any
-        if server.ack == ACK_THREAD:
-            self.ack_worker = AckWorker(self)
-        self.cpu = server._next_cpu()
+        self.reader = threading.Thread(target=self._run_reader, name=f"smallmsg-reader-{peer}",
+                                       daemon=True)
+        self.ack_worker = AckWorker(self) if server.ack == ACK_THREAD else None
+        self.cpu = server._next_cpu()       # the CPU this connection's threads keep to, if any
 
     def start(self):
         if self.ack_worker is not None:
             self.ack_worker.start()
-        self.reader.start()
+        try:
+            self.reader.start()
+        except BaseException:
+            if self.ack_worker is not None:
+                self._full.put(None)    # no reader: the AckWorker ends and closes
+            raise
 
     def join(self, timeout=None):
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in (self.reader, self.ack_worker):
-            if thread is not None:
+            if thread is not None and thread.ident is not None:
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     @property
     def alive(self):
-        return self.reader.is_alive() or (self.ack_worker is not None and self.ack_worker.is_alive())
+        return any(t is not None and t.is_alive() for t in (self.reader, self.ack_worker))
 
     def stop_reading(self):
         """Make the reader see the end of the stream: what was read gets finished, no more."""
@@ -575,30 +607,6 @@ class Connection:
         except OSError:
             pass
 
-    def _take_block(self):
-        free = self._free
-        if free.empty() and self._blocks < self.server.pool_blocks:
-            self._blocks += 1
-            return bytearray(self.server.block_size)
-        return free.get()
-
-    def _end_because(self, reason, level=logging.INFO):
-        """Note why the connection ends (the first reason wins)."""
-        if self.close_reason is None:
-            self.close_reason = reason
-            self._close_level = level
-
-    def _recv(self, block):
-        """recv_into `block`: the byte count, or 0 at the end of the stream (reason noted)."""
-        try:
-            return self.sock.recv_into(block)
-        except socket.timeout:
-            self._end_because(f"idle for {self.server.idle_timeout:g} s")
-        except OSError as exc:
-            if not self.closing:
-                self._end_because(f"connection error: {exc.strerror or exc}")
-        return 0
-
     def keep_to_cpu(self):
         """Keep the calling thread on this connection's CPU (see Server's `affinity`)."""
         if self.cpu is not None:
@@ -607,44 +615,88 @@ class Connection:
             except OSError as exc:
                 log.debug("%s: cannot keep to CPU %d: %s", self.peer, self.cpu, exc)
 
-    def _read_loop(self):
-        """Reader thread (ack="thread"): whole blocks to the AckWorker, never single frames."""
+    def _end_because(self, reason, level=logging.INFO):
+        """Note why the connection ends (the first reason wins)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            self._close_level = level
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _wait_for_data(self, holding_block):
+        """Wait until the socket has something to read; False if idle past the timeout.
+
+        Without an idle timeout, a reader that already holds a block waits in recv_into itself:
+        a poll first would wake it at the first bytes, and reads would shrink."""
+        if holding_block and self.server.idle_timeout is None:
+            return True
+        if _wait_readable(self.sock, self.server.idle_timeout):
+            return True
+        self._end_because(f"idle for {self.server.idle_timeout:g} s")
+        return False
+
+    def _recv(self, block):
+        """recv_into `block`: the byte count, or 0 at the end of the stream (reason noted)."""
+        try:
+            return self.sock.recv_into(block)
+        except OSError as exc:
+            if not self.closing:
+                self._end_because(f"connection error: {exc.strerror or exc}")
+        return 0
+
+    def _take_block(self):
+        """A block for the next read: a new one while the pool is not full, else a free one
+        (None once the AckWorker has stopped)."""
+        if self._free.empty() and self._blocks < self.server.pool_blocks:
+            self._blocks += 1
+            return bytearray(self.server.block_size)
+        return self._free.get()
+
+    def _run_reader(self):
         self.keep_to_cpu()
+        if self.ack_worker is None:
+            self._read_and_ack()
+        else:
+            self._read_blocks()
+
+    def _read_blocks(self):
+        """Reader thread (ack="thread"): whole blocks to the AckWorker, never single frames."""
         full = self._full
         try:
-            while not self.closing:
+            while not self.closing and self._wait_for_data(self._blocks > 0):
                 block = self._take_block()
-                if self.closing:
+                if block is None:
                     break
                 n = self._recv(block)
                 if not n:
-                    self._free.put(block)
                     break
                 full.put((block, n))
         finally:
             full.put(None)
 
-    def _inline_loop(self):
+    def _read_and_ack(self):
         """Reader thread (ack="inline"): read, parse, handle and acknowledge in one thread."""
-        self.keep_to_cpu()
-        block = bytearray(self.server.block_size)
-        size = len(block)
+        block = None
         since_ack = 0
         try:
-            while not self.closing:
+            while not self.closing and self._wait_for_data(block is not None):
+                if block is None:
+                    block = bytearray(self.server.block_size)
                 n = self._recv(block)
-                if not n:
+                if not n or not self.process(block, n):
                     break
                 since_ack += 1
-                if not self.process(block, n):
-                    break
-                # A read that did not fill the block drained the socket: nothing more waits.
-                if n < size or since_ack >= ACK_EVERY_BLOCKS:
+                # Nothing more waiting: acknowledge what was handled. A read that did not fill
+                # the block emptied the socket; one that did may have, so look.
+                if (n < len(block) or since_ack >= ACK_EVERY_BLOCKS
+                        or not _wait_readable(self.sock, 0)):
                     since_ack = 0
                     if not self.send_acks():
                         break
         finally:
             self.finish()
+
+    # -- handling and acknowledging ----------------------------------------------------------
 
     def process(self, block, n):
         """Parse a block and hand its frames to the handler; False ends the connection."""
@@ -655,10 +707,12 @@ class Connection:
             try:
                 handler(batch)
             except Exception:
-                # Logged here, with its traceback; these frames are never acknowledged.
+                # Logged here, with its traceback. These frames are never acknowledged; those
+                # handled before them are, now, before the connection closes.
                 log.exception("%s: handler raised; closing the connection, "
                               "%d frames of this block not acknowledged", self.peer, batch.count)
                 self._end_because("handler error", level=logging.DEBUG)
+                self.send_acks()
                 return False
         parser.handled(batch)
         if batch.error is not None:
@@ -682,18 +736,39 @@ class Connection:
             return False
 
     def finish(self):
-        """End of the connection: last ACKs, logs, close, deregister."""
-        self.send_acks()        # frames handled and not yet acknowledged, if the peer listens
-        if self.parser.pending_bytes:
-            log.warning("%s: connection ended inside a frame; dropped %d bytes of it",
-                        self.peer, self.parser.pending_bytes)
-        self.closing = True
-        if self.close_reason is not None:
-            log.log(self._close_level, "%s: closing: %s", self.peer, self.close_reason)
+        """End of the connection: last ACKs, logs, a graceful close, deregister."""
         try:
-            self.sock.close()
+            self.send_acks()    # frames handled and not yet acknowledged, if the peer listens
+            if self.parser.pending_bytes:
+                log.warning("%s: connection ended inside a frame; dropped %d bytes of it",
+                            self.peer, self.parser.pending_bytes)
+            self.closing = True
+            if self.close_reason is not None:
+                log.log(self._close_level, "%s: closing: %s", self.peer, self.close_reason)
+            self._close()
         finally:
             self.server._connection_done(self)
+
+    def _close(self):
+        """Close without losing the ACKs already written: send FIN, read and discard what the
+        peer still sends (bounded), then close."""
+        sock = self.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + CLOSE_LINGER
+            discarded = 0
+            while discarded < CLOSE_LINGER_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0 or not _wait_readable(sock, left):
+                    break
+                data = sock.recv(65536)
+                if not data:
+                    break
+                discarded += len(data)
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
 
 class AckWorker(threading.Thread):
@@ -710,39 +785,41 @@ class AckWorker(threading.Thread):
     def run(self):
         conn = self.connection
         conn.keep_to_cpu()
+        reader_ended = False
+        try:
+            reader_ended = self._handle_blocks()
+        finally:
+            if not reader_ended:
+                # Stopped early (bad input, handler error, or a bug): the reader must not wait
+                # for a block or for us, and its last blocks are dropped.
+                conn.stop_reading()
+                conn._free.put(None)
+                while conn._full.get() is not None:
+                    pass
+            if conn.reader.ident is not None:
+                conn.reader.join()
+            conn.finish()
+
+    def _handle_blocks(self):
+        """Handle blocks until the reader's end (True) or an error ends the connection."""
+        conn = self.connection
         full = conn._full
         free = conn._free
         since_ack = 0
-        try:
-            while True:
-                item = full.get()
-                if item is None:
-                    break
-                block, n = item
-                ok = conn.process(block, n)
-                free.put(block)         # only now: the handler's views into it are done
-                if not ok:
-                    conn.abort()        # wake the reader; it ends with None
-                    self._drain(full, free)
-                    break
-                since_ack += 1
-                if full.empty() or since_ack >= ACK_EVERY_BLOCKS:
-                    since_ack = 0
-                    if not conn.send_acks():
-                        conn.abort()
-                        self._drain(full, free)
-                        break
-        finally:
-            conn.reader.join()
-            conn.finish()
-
-    @staticmethod
-    def _drain(full, free):
         while True:
             item = full.get()
             if item is None:
-                return
-            free.put(item[0])
+                return True
+            block, n = item
+            ok = conn.process(block, n)
+            free.put(block)             # only now: the handler's views into it are done
+            if not ok:
+                return False
+            since_ack += 1
+            if full.empty() or since_ack >= ACK_EVERY_BLOCKS:
+                since_ack = 0
+                if not conn.send_acks():
+                    return False
 
 
 class Server:
@@ -754,14 +831,12 @@ class Server:
     """
 
     def __init__(self, address=("127.0.0.1", DEFAULT_PORT), handler=None, *, mode=MODE_ACK,
-                 ack=ACK_THREAD, max_payload=MAX_PAYLOAD, max_connections=None,
-                 idle_timeout=None, block_size=BLOCK_SIZE, pool_blocks=POOL_BLOCKS,
-                 affinity=True, backlog=128):
-        size_struct(mode)   # validates
-        if ack not in ACK_STYLES:
-            raise ValueError(f"ack must be one of {', '.join(ACK_STYLES)}, not {ack!r}")
-        if not 0 <= max_payload <= MAX_SIZE_FIELD:
-            raise ValueError(f"max_payload must be between 0 and {MAX_SIZE_FIELD}")
+                 ack=ACK_THREAD, max_payload=MAX_PAYLOAD,
+                 max_connections=DEFAULT_MAX_CONNECTIONS, idle_timeout=None,
+                 block_size=BLOCK_SIZE, pool_blocks=POOL_BLOCKS, affinity=True, backlog=128):
+        _check_choice("mode", mode, MODES)
+        _check_choice("ack", ack, ACK_STYLES)
+        _check_max_payload(max_payload)
         if block_size < HEADER_SIZE or pool_blocks < 1:
             raise ValueError("block_size must hold a header and pool_blocks be at least 1")
         self.handler = handler
@@ -792,8 +867,13 @@ class Server:
         self._done_serving.set()
         self._thread = None
         self._accept_failing = False
-        self._listener = socket.create_server(address, backlog=backlog)
+        self._last_refusal_log = -REFUSAL_LOG_INTERVAL
+        host = address[0]
+        family = socket.AF_INET6 if ":" in str(host) else socket.AF_INET
+        self._listener = socket.create_server(address, family=family, backlog=backlog)
+        self._listener.setblocking(False)   # a connection gone before accept() must not block
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)     # written from signal handlers: never block there
 
     @property
     def address(self):
@@ -847,8 +927,8 @@ class Server:
     def _accept(self):
         try:
             sock, address = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return                  # gone before we took it: nothing to do
         except OSError as exc:
             # Out of file descriptors, say: the listener stays readable, so pause rather than
             # spin, and say so once per episode rather than thousands of times a second.
@@ -860,23 +940,39 @@ class Server:
         if self._accept_failing:
             log.info("accepting connections again")
             self._accept_failing = False
+        sock.setblocking(True)
         peer = _peer_name(address)
         with self._lock:
             full = (self.max_connections is not None
                     and len(self._connections) >= self.max_connections)
-            if not full:
-                self.connections_total += 1
         if full:
-            log.warning("%s: refused: max_connections (%d) reached", peer, self.max_connections)
-            sock.close()
+            self._refuse(sock, peer)
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # ACKs are tiny writes
-        sock.settimeout(self.idle_timeout)
-        conn = Connection(self, sock, peer)
-        with self._lock:
-            self._connections.add(conn)
-        log.info("%s: connected", peer)
-        conn.start()
+        conn = None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # ACKs are tiny writes
+            conn = Connection(self, sock, peer)
+            with self._lock:
+                self._connections.add(conn)
+                self.connections_total += 1
+            log.info("%s: connected", peer)
+            conn.start()
+        except Exception as exc:    # e.g. no more threads: drop this one, go on serving
+            log.error("%s: cannot serve this connection: %s", peer, exc)
+            if conn is None or not conn.alive:
+                with self._lock:
+                    self._connections.discard(conn)
+                sock.close()
+            # else its AckWorker was told to end, and closes it
+
+    def _refuse(self, sock, peer):
+        now = time.monotonic()
+        level = logging.DEBUG
+        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
+            level = logging.WARNING
+            self._last_refusal_log = now
+        log.log(level, "%s: refused: max_connections (%d) reached", peer, self.max_connections)
+        sock.close()
 
     def _next_cpu(self):
         if not self._cpus:
@@ -904,7 +1000,8 @@ class Server:
         """Stop accepting, let every connection finish the blocks it has read, and close them.
 
         Connections still busy after `grace` seconds (a peer that does not read its ACKs) are
-        cut. Returns once every connection thread has ended.
+        cut; a handler that never returns is left behind (its threads are daemons) with a log
+        line, so shutdown always returns.
         """
         self.stop_serving()
         self._done_serving.wait()
@@ -917,11 +1014,15 @@ class Server:
         deadline = time.monotonic() + grace
         for conn in conns:
             conn.join(max(0.0, deadline - time.monotonic()))
-        for conn in conns:
+        busy = [conn for conn in conns if conn.alive]
+        for conn in busy:
+            log.warning("%s: still busy after %g s; cutting the connection", conn.peer, grace)
+            conn.abort()
+        deadline = time.monotonic() + grace
+        for conn in busy:
+            conn.join(max(0.0, deadline - time.monotonic()))
             if conn.alive:
-                log.warning("%s: still busy after %g s; cutting the connection", conn.peer, grace)
-                conn.abort()
-                conn.join()
+                log.error("%s: its handler does not return; leaving it behind", conn.peer)
 
     def close(self):
         """Close the listening socket (after `shutdown()`)."""
