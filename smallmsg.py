@@ -536,15 +536,21 @@ def _peer_name(address):
 
 
 if hasattr(select, "poll"):
-    def _wait_readable(sock, timeout):
-        """True once `sock` has data, EOF or an error; False after `timeout` s (None: never)."""
+    def _wait_readable(sock, timeout, stop=None):
+        """Wait until `sock` (or `stop`) has data, EOF or an error: the ones ready, an empty
+        list after `timeout` seconds (None: no limit)."""
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+        if stop is not None:
+            poller.register(stop, select.POLLIN)
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        return [fd for fd, _ in poller.poll(ms)]
 else:   # pragma: no cover - Windows
-    def _wait_readable(sock, timeout):
-        """True once `sock` has data, EOF or an error; False after `timeout` s (None: never)."""
-        return bool(select.select([sock], [], [], timeout)[0])
+    def _wait_readable(sock, timeout, stop=None):
+        """Wait until `sock` (or `stop`) has data, EOF or an error: the ones ready, an empty
+        list after `timeout` seconds (None: no limit)."""
+        ready = select.select([sock] if stop is None else [sock, stop], [], [], timeout)[0]
+        return [s.fileno() for s in ready]
 
 
 class Connection:
@@ -590,14 +596,6 @@ class Connection:
     def alive(self):
         return any(t is not None and t.is_alive() for t in (self.reader, self.ack_worker))
 
-    def stop_reading(self):
-        """Make the reader see the end of the stream: what was read gets finished, no more."""
-        self.closing = True
-        try:
-            self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-
     def abort(self):
         """Unblock every thread of this connection, even one stuck writing to a peer that
         does not read."""
@@ -623,14 +621,15 @@ class Connection:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _wait_for_data(self, holding_block):
-        """Wait until the socket has something to read; False if idle past the timeout.
-
-        Without an idle timeout, a reader that already holds a block waits in recv_into itself:
-        a poll first would wake it at the first bytes, and reads would shrink."""
-        if holding_block and self.server.idle_timeout is None:
-            return True
-        if _wait_readable(self.sock, self.server.idle_timeout):
+    def _wait_for_data(self):
+        """Wait until the socket has something to read: False if the server shuts down (what
+        was read still gets handled) or the connection is idle past the timeout."""
+        stop = self.server._stop_reading_r
+        ready = _wait_readable(self.sock, self.server.idle_timeout, stop)
+        if stop.fileno() in ready:
+            self._end_because("server shutting down")
+            return False
+        if ready:
             return True
         self._end_because(f"idle for {self.server.idle_timeout:g} s")
         return False
@@ -663,7 +662,7 @@ class Connection:
         """Reader thread (ack="thread"): whole blocks to the AckWorker, never single frames."""
         full = self._full
         try:
-            while not self.closing and self._wait_for_data(self._blocks > 0):
+            while self._wait_for_data():
                 block = self._take_block()
                 if block is None:
                     break
@@ -679,7 +678,7 @@ class Connection:
         block = None
         since_ack = 0
         try:
-            while not self.closing and self._wait_for_data(block is not None):
+            while self._wait_for_data():
                 if block is None:
                     block = bytearray(self.server.block_size)
                 n = self._recv(block)
@@ -706,7 +705,7 @@ class Connection:
         if batch.count and handler is not None:
             try:
                 handler(batch)
-            except Exception:
+            except BaseException:   # even SystemExit: a handler ends its connection, no more
                 # Logged here, with its traceback. These frames are never acknowledged; those
                 # handled before them are, now, before the connection closes.
                 log.exception("%s: handler raised; closing the connection, "
@@ -790,15 +789,39 @@ class AckWorker(threading.Thread):
             reader_ended = self._handle_blocks()
         finally:
             if not reader_ended:
-                # Stopped early (bad input, handler error, or a bug): the reader must not wait
-                # for a block or for us, and its last blocks are dropped.
-                conn.stop_reading()
-                conn._free.put(None)
+                reader_ended = self._discard_blocks()
+            if not reader_ended:
+                conn.abort()                # the reader must not wait for data...
+                conn._free.put(None)        # ...nor for a block
                 while conn._full.get() is not None:
                     pass
             if conn.reader.ident is not None:
                 conn.reader.join()
             conn.finish()
+
+    def _discard_blocks(self):
+        """Stopped early (bad input, a handler error, or a bug): go on reading and discarding
+        what the peer still sends for a moment, so that it can read the ACKs already written
+        (a close with unread input resets the connection and drops them). True if the reader
+        saw the end of the stream meanwhile."""
+        conn = self.connection
+        conn.closing = True
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)      # the peer sees the end after our ACKs
+        except OSError:
+            pass
+        deadline = time.monotonic() + CLOSE_LINGER
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                item = conn._full.get(timeout=left)
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            conn._free.put(item[0])
 
     def _handle_blocks(self):
         """Handle blocks until the reader's end (True) or an error ends the connection."""
@@ -874,6 +897,8 @@ class Server:
         self._listener.setblocking(False)   # a connection gone before accept() must not block
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)     # written from signal handlers: never block there
+        # Written once at shutdown and never read: every reader waiting for data wakes and ends.
+        self._stop_reading_r, self._stop_reading_w = socket.socketpair()
 
     @property
     def address(self):
@@ -1009,8 +1034,10 @@ class Server:
             self._thread.join()
         with self._lock:
             conns = list(self._connections)
-        for conn in conns:
-            conn.stop_reading()
+        try:
+            self._stop_reading_w.send(b"x")
+        except OSError:
+            pass
         deadline = time.monotonic() + grace
         for conn in conns:
             conn.join(max(0.0, deadline - time.monotonic()))
@@ -1026,9 +1053,9 @@ class Server:
 
     def close(self):
         """Close the listening socket (after `shutdown()`)."""
-        self._listener.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        for sock in (self._listener, self._wake_r, self._wake_w, self._stop_reading_r,
+                     self._stop_reading_w):
+            sock.close()
 
 
 # ###########################################################################################

@@ -358,6 +358,13 @@ def test_byte_by_byte_feed():
     check_ack_coverage(acks_of(acks), 30)
 
 
+def test_empty_feeds_change_nothing_even_inside_a_header():
+    data = stream_of([b"hello", b"world"])
+    for cut in range(len(data) + 1):
+        frames, _, _, error = parse([data[:cut], b"", data[cut:], b""])
+        assert error is None and frames == [(0, b"hello"), (1, b"world")], cut
+
+
 def test_zero_length_payloads():
     payloads = [b""] * 500 + [b"x"] + [b""] * 3
     frames, acks, _, _ = parse([stream_of(payloads)])
@@ -622,14 +629,28 @@ def test_reference_style_cpp_client_passes(ack):
     assert sent == acked == 60_000
 
 
-def test_last_ack_arrives_promptly_without_more_input():
-    """One small write, then wait: the ACK must not sit behind Nagle or a delayed ACK."""
-    with running_server() as server:
+@pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
+def test_last_ack_arrives_without_more_input(ack):
+    """One small write, then wait: the ACK comes although nothing more arrives."""
+    with running_server(ack=ack) as server:
         with smallmsg.Client(server.address) as client:
             for _ in range(5):
                 client.send(b"ping")
                 client.wait_acked(timeout=5)
             assert client.acked == 5
+            # ACKs are tiny writes: without TCP_NODELAY, Nagle and a delayed ACK hold them back.
+            (conn,) = server._connections
+            assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+@pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
+def test_last_ack_arrives_when_a_read_exactly_fills_the_block(ack):
+    """A full read does not mean more is waiting: the ACK must not wait for more input."""
+    with running_server(ack=ack, block_size=4096) as server:
+        with smallmsg.Client(server.address) as client:
+            client.send_many(b"abcd", 4096 // 16)        # 4096 bytes: one block exactly
+            client.wait_acked(timeout=3)
+            assert client.acked == 256
 
 
 def test_ack_coverage_equals_frames_sent_over_raw_socket():
@@ -676,6 +697,121 @@ def test_handler_exception_closes_that_connection_only(caplog):
         with smallmsg.Client(server.address) as good:
             good.send_many(b"hello", 1000)
             good.wait_acked(timeout=5)
+
+
+@pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
+def test_handler_exception_still_acks_the_frames_handled_before(ack):
+    """Frames handled in earlier blocks, whose ACK was still being coalesced, are acknowledged
+    before the connection closes; the frames of the failing block are not."""
+    first_call = threading.Event()
+
+    def handler(batch):
+        if not first_call.is_set():
+            first_call.set()
+            time.sleep(0.3)     # the next block, with the bad frame, is read meanwhile
+        for _, payload in batch:
+            if bytes(payload) == b"boom":
+                raise ValueError("bad payload")
+
+    with running_server(handler, ack=ack, block_size=256) as server:
+        with socket.create_connection(server.address) as sock:
+            sock.sendall(stream_of([b"fine"] * 10))
+            assert first_call.wait(5)
+            sock.sendall(smallmsg.encode_frame(10, b"boom"))
+            records = acks_of(recv_until_closed(sock))
+        assert check_ack_coverage(records, 10) == 10
+        assert still_serves(server)
+
+
+@pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
+def test_a_handler_that_exits_ends_its_connection_not_the_server(ack):
+    """Even a BaseException from a handler (SystemExit) closes that connection cleanly; the
+    server still serves, and shuts down in time."""
+    def handler(batch):
+        if any(bytes(payload) == b"exit" for _, payload in batch):
+            raise SystemExit(3)
+
+    server = smallmsg.Server(LOOPBACK, handler=handler, ack=ack, block_size=4096)
+    server.start()
+    try:
+        with socket.create_connection(server.address) as sock:
+            sock.sendall(smallmsg.encode_frame(0, b"exit"))
+            assert read_until_closed(sock, timeout=5)[1] in ("eof", "reset")
+        assert wait_for(lambda: server.connections == 0)
+        assert still_serves(server)
+    finally:
+        started = time.monotonic()
+        server.shutdown(grace=0.5)
+        server.close()
+    assert time.monotonic() - started < 3
+
+
+def test_a_connection_whose_threads_cannot_start_is_dropped(monkeypatch, caplog):
+    """No more threads for one connection: it is closed with a log line, the server goes on."""
+    original = smallmsg.AckWorker.start
+    failures = []
+
+    def start(self):
+        if not failures:
+            failures.append(self)
+            raise RuntimeError("can't start new thread")
+        original(self)
+
+    monkeypatch.setattr(smallmsg.AckWorker, "start", start)
+    with running_server() as server:
+        with socket.create_connection(server.address) as sock:
+            assert read_until_closed(sock, timeout=5)[1] in ("eof", "reset")
+        assert failures and "cannot serve this connection" in caplog.text
+        assert wait_for(lambda: server.connections == 0)
+        assert still_serves(server)
+
+
+def test_a_silent_connection_holds_no_block():
+    """Blocks are taken when data arrives: connections that send nothing cost no buffer."""
+    with running_server() as server:
+        socks = [socket.create_connection(server.address) for _ in range(5)]
+        try:
+            assert wait_for(lambda: server.connections == 5)
+            time.sleep(0.2)
+            assert all(conn._blocks == 0 for conn in server._connections)
+            socks[0].sendall(stream_of([b"hello"]))
+            assert acks_of(recv_exactly(socks[0], ACK_SIZE)) == [(0, 0)]
+            assert sorted(conn._blocks for conn in server._connections) == [0, 0, 0, 0, 1]
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+@pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
+def test_close_with_unread_input_keeps_the_acks_already_written(ack):
+    """A close with unread input must not send a RST that makes the peer drop ACKs: a peer that
+    reads nothing while it sends frames one by one (about an ACK each, piling up unread), then a
+    bad header and more, still gets every ACK once it reads."""
+    good = 1500
+    with running_server(ack=ack, max_payload=100) as server:
+        sock = small_rcvbuf_socket(server.address)
+        with sock:
+            for i in range(good):
+                sock.sendall(smallmsg.encode_frame(i, b"hello"))
+                time.sleep(0.0002)
+            time.sleep(0.2)
+            sock.sendall(smallmsg.encode_frame(good, b"x" * 101)[:HEADER_SIZE] + bytes(200_000))
+            time.sleep(0.3)         # the server has closed by now, with input it never read
+            data, how = read_until_closed(sock, timeout=10)
+        assert check_ack_coverage(acks_of(data), good) == good, how
+
+
+@pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
+def test_idle_timeout_is_about_reading_not_about_a_peer_slow_to_read(ack, caplog):
+    """A peer that keeps sending but does not read its replies is not idle: the idle timeout
+    must not cut it because the server's writes wait."""
+    with running_server(mode="request-reply", ack=ack, idle_timeout=0.3) as server:
+        sock = small_rcvbuf_socket(server.address)
+        with sock:
+            frame = smallmsg.encode_frame(0, b"hello", smallmsg.MODE_REQUEST_REPLY)
+            push(sock, frame * 4096, 64 << 20, time.monotonic() + 1.5, stall=2.0)
+            assert server.connections == 1
+        assert "timed out" not in caplog.text and "idle" not in caplog.text
 
 
 def test_client_raises_on_a_bad_ack():
