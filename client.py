@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import selectors
 import subprocess
 import sys
 import time
@@ -33,24 +34,15 @@ def payload_of(size):
 def payload_sizes(text):
     """`N` or `A-B` (random sizes from A to B): returns (A, B)."""
     low, sep, high = text.partition("-")
+    size = smallmsg.number_in(0, smallmsg.MAX_PAYLOAD, what="payload size")
     try:
-        low = int(low)
-        high = int(high) if sep else low
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or A-B, not {text!r}") from None
-    if not 0 <= low <= high:
-        raise argparse.ArgumentTypeError(f"expected 0 <= A <= B, not {text!r}")
+        low = size(low)
+        high = size(high) if sep else low
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"expected N or A-B: {exc}") from None
+    if low > high:
+        raise argparse.ArgumentTypeError(f"expected A <= B, not {text!r}")
     return low, high
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 class Load:
@@ -76,23 +68,31 @@ class Load:
             count -= n
 
 
+class CommandError(Exception):
+    """Something the command cannot get past: no server to connect to, or none spawned."""
+
+
 def spawn_server(args):
     """Start smallmsg.py on a free port; returns (process, (host, port))."""
     here = os.path.dirname(os.path.abspath(__file__))
     command = [sys.executable, os.path.join(here, "smallmsg.py"), "--host", args.host,
                "--port", "0", "--log-level", "warning", "--mode", args.mode]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    line = process.stdout.readline()    # "smallmsg listening on HOST:PORT (...)"
+    line = ""
+    with selectors.DefaultSelector() as selector:    # never wait forever for its first line
+        selector.register(process.stdout, selectors.EVENT_READ)
+        if selector.select(SPAWN_TIMEOUT):
+            line = process.stdout.readline()        # "smallmsg listening on HOST:PORT (...)"
     if not line.startswith("smallmsg listening on "):
-        process.kill()
-        process.wait()
-        raise OSError(f"the spawned server did not start (exit code {process.returncode})")
+        stop_server(process)
+        raise CommandError(f"the spawned server did not start (exit code {process.returncode})")
     host, _, port = line.split()[3].rpartition(":")
     return process, (host, int(port))
 
 
 def stop_server(process):
-    process.terminate()
+    if process.poll() is None:
+        process.terminate()
     try:
         process.wait(SPAWN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -101,8 +101,16 @@ def stop_server(process):
     process.stdout.close()
 
 
+def connect(address, mode):
+    try:
+        return smallmsg.Client(address, mode=mode)
+    except OSError as exc:
+        raise CommandError(f"cannot connect to {address[0]}:{address[1]}: "
+                           f"{exc.strerror or exc}") from None
+
+
 def run_rounds(args, address, out):
-    with smallmsg.Client(address, mode=args.mode) as client:
+    with connect(address, args.mode) as client:
         load = Load(client, *args.payload_size)
         for round_number in range(1, args.iterations + 1):
             start = time.perf_counter()
@@ -127,21 +135,21 @@ def run_rounds(args, address, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="client.py", description=__doc__.split("\n\n")[0])
-    parser.error = lambda message: parser.exit(2, f"client.py: error: {message} (see --help)\n")
+    parser = smallmsg.OneLineParser(prog="client.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
-    parser.add_argument("--port", type=smallmsg._port, default=smallmsg.DEFAULT_PORT,
+    parser.add_argument("--port", type=smallmsg.port_number, default=smallmsg.DEFAULT_PORT,
                         help=f"server port (default {smallmsg.DEFAULT_PORT})")
-    parser.add_argument("--count", type=positive_int, default=2_000_000,
+    parser.add_argument("--count", type=smallmsg.number_in(1), default=2_000_000,
                         help="messages per round (default 2000000)")
-    parser.add_argument("--iterations", type=positive_int, default=1,
+    parser.add_argument("--iterations", type=smallmsg.number_in(1), default=1,
                         help="rounds on one connection, ids going on (default 1)")
     parser.add_argument("--payload-size", type=payload_sizes, default=(5, 5), metavar="N|A-B",
                         help="payload bytes: N, or A-B for random sizes with a fixed seed "
                              "(default 5: the series' 'hello')")
     parser.add_argument("--mode", choices=smallmsg.MODES, default=smallmsg.MODE_ACK,
                         help="ack (default) or request-reply, as the server runs")
-    parser.add_argument("--timeout", type=float, default=smallmsg.DEFAULT_ACK_TIMEOUT,
+    parser.add_argument("--timeout", type=smallmsg.positive_seconds,
+                        default=smallmsg.DEFAULT_ACK_TIMEOUT,
                         help="seconds to wait for the last ACK of a round (default 20)")
     parser.add_argument("--spawn", action="store_true",
                         help="start a local smallmsg.py on a free port, use it, stop it")
@@ -155,12 +163,11 @@ def main(argv=None):
         if args.spawn:
             server, address = spawn_server(args)
         run_rounds(args, address, sys.stdout)
-    except smallmsg.SmallmsgError as exc:
+    except (smallmsg.SmallmsgError, CommandError) as exc:
         print(f"client.py: error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"client.py: error: cannot connect to {address[0]}:{address[1]}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+    except OSError as exc:              # the output closed, say
+        print(f"client.py: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("client.py: interrupted", file=sys.stderr)

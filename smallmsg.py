@@ -1184,6 +1184,7 @@ class Client:
         self.mode = mode
         self.max_payload = max_payload
         self.sent = 0                   # frames given ids so far
+        self._handed = 0                # frames handed to the socket (written or being so)
         self.acked = 0
         self.bytes_sent = 0             # bytes written to the socket
         self._last_acked = -1
@@ -1261,6 +1262,7 @@ class Client:
         first = self.sent
         data = block.number(first, count)
         self.sent += block.frames if count is None else count
+        self._handed = self.sent
         self._sendall(data)
         self.poll_acks()
         return first
@@ -1270,6 +1272,7 @@ class Client:
         if self._out:
             out = self._out
             self._out = bytearray()
+            self._handed = self.sent
             self._sendall(out, deadline)
 
     def _sendall(self, data, deadline=None):
@@ -1371,10 +1374,10 @@ class Client:
             else:
                 last_id, skipped = ACK_RECORD.unpack_from(data, pos)
             expected = self._last_acked + skipped + 1
-            if last_id != expected or last_id >= self.sent:
+            if last_id != expected or last_id >= self._handed:
                 raise self._error(ProtocolError, (
                     f"bad ACK: expected id {expected} (after {self._last_acked}, skipped "
-                    f"{skipped}), got id {last_id} with {self.sent} frames sent"))
+                    f"{skipped}), got id {last_id} with {self._handed} frames on the wire"))
             self._last_acked = last_id
             self.acked = last_id + 1
 
@@ -1394,52 +1397,43 @@ class Client:
 # Command line
 # ###########################################################################################
 
-class _ArgumentParser(argparse.ArgumentParser):
+# Shared with client.py: an option a user gets wrong ends in one line, never a traceback.
+
+class OneLineParser(argparse.ArgumentParser):
     """Reports a bad option in one line, not a usage dump."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _port(text):
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, not {port}")
-    return port
+def number_in(low, high=None, kind=int, what="number"):
+    """An argparse type: a `kind` number from `low` to `high` (None: no upper bound)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{what} must be {bounds}, not {text}")
+        return value
+    return parse
 
 
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
-    return value
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
+port_number = number_in(0, 65535, what="port")
+positive_seconds = number_in(0.001, None, float, "seconds")
 
 
 def main(argv=None):
-    parser = _ArgumentParser(
+    parser = OneLineParser(
         prog="smallmsg", description="smallmsg server: receives frames, sends coalesced ACKs.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1, this machine only; "
                              "--host 0.0.0.0 exposes the server to the network)")
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--max-payload", type=_non_negative_int, default=MAX_PAYLOAD,
+    parser.add_argument("--max-payload", type=number_in(0, MAX_SIZE_FIELD, what="size"),
+                        default=MAX_PAYLOAD,
                         help=f"largest payload accepted, in bytes (default {MAX_PAYLOAD})")
     parser.add_argument("--mode", choices=MODES, default=MODE_ACK,
                         help="ack: coalesced ACKs (default); request-reply: step 1 of the "
@@ -1450,9 +1444,10 @@ def main(argv=None):
     parser.add_argument("--no-affinity", dest="affinity", action="store_false",
                         help="let the OS place a connection's threads anywhere (default: they "
                              "keep to one CPU, connections taking the CPUs in turn)")
-    parser.add_argument("--max-connections", type=_non_negative_int, default=None,
-                        help="refuse connections beyond this many (default: no limit)")
-    parser.add_argument("--idle-timeout", type=_positive_float, default=None,
+    parser.add_argument("--max-connections", type=number_in(1), default=DEFAULT_MAX_CONNECTIONS,
+                        help="refuse connections beyond this many (default "
+                             f"{DEFAULT_MAX_CONNECTIONS})")
+    parser.add_argument("--idle-timeout", type=positive_seconds, default=None,
                         help="close connections idle this many seconds (default: never)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],

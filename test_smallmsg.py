@@ -835,6 +835,22 @@ def test_client_raises_on_a_bad_ack():
     assert info.value.sent == 3 and info.value.acked == 0 and info.value.unacked == 3
 
 
+def test_client_refuses_an_ack_for_a_frame_not_yet_written():
+    """A frame still in the client's buffer cannot have reached the server: an ACK for it is
+    a protocol error, not a success."""
+    listener = socket.create_server(LOOPBACK)
+    with listener, smallmsg.Client(listener.getsockname()) as client:
+        conn, _ = listener.accept()
+        with conn:
+            client.send_many(b"x", 1)              # frame 0: written
+            assert recv_exactly(conn, 13) == smallmsg.encode_frame(0, b"x")
+            client.send(b"y")                      # frame 1: buffered only
+            conn.sendall(smallmsg.encode_ack(1, 1))
+            with pytest.raises(ProtocolError) as info:
+                assert wait_for(lambda: client.poll_acks() and False, timeout=2)
+    assert "got id 1" in str(info.value) and "1 frames on the wire" in str(info.value)
+
+
 def test_wait_acked_times_out_with_counts():
     listener = socket.create_server(LOOPBACK)
     with listener, smallmsg.Client(listener.getsockname()) as client:
@@ -1669,7 +1685,7 @@ MALFORMED = {
     "repeat": (lambda conn: conn.sendall(smallmsg.encode_ack(GOOD_ACKS - 1, 0)),
                "expected id 500"),
     "beyond_sent": (lambda conn: conn.sendall(smallmsg.encode_ack(FRAMES + 10, 510)),
-                    "1000 frames sent"),
+                    "1000 frames on the wire"),
     "short": (lambda conn: (conn.sendall(smallmsg.encode_ack(600, 100)[:5]),
                             conn.shutdown(socket.SHUT_WR)), "short ACK record"),
 }
