@@ -48,10 +48,11 @@ import time
 from collections import namedtuple
 
 __all__ = [
-    "Server", "Client", "FrameParser", "Batch", "Segment",
+    "Server", "Client", "FrameBlock", "FrameParser", "Batch", "Segment",
     "SmallmsgError", "ProtocolError", "ConnectionLost", "AckTimeout",
-    "DEFAULT_PORT", "MAX_PAYLOAD", "HEADER_SIZE", "ACK_SIZE",
-    "FrameBlock", "encode_frame", "encode_ack",
+    "encode_frame", "encode_ack", "main",
+    "DEFAULT_PORT", "MAX_PAYLOAD", "HEADER_SIZE", "ACK_SIZE", "DEFAULT_ACK_TIMEOUT",
+    "MODE_ACK", "MODE_REQUEST_REPLY", "MODES", "ACK_THREAD", "ACK_INLINE", "ACK_STYLES",
 ]
 __version__ = "0.1.0"
 
@@ -64,12 +65,17 @@ log = logging.getLogger("smallmsg")
 
 DEFAULT_PORT = 8005          # the series' step-5 port
 MAX_PAYLOAD = 1 << 20        # default limit: a header announcing more is a protocol error
-MAX_SIZE_FIELD = 0xFFFFFFFF  # the size field is a u32
 
-ID_SIZE = 8                  # frame: id (8 opaque bytes) | size (u32) | payload
+FRAME_ID = struct.Struct("<Q")       # frame: id | size | payload; ids as u64, as the reference
+SIZE_LE = struct.Struct("<I")        # clients number them; the size is a u32, little-endian...
+SIZE_BE = struct.Struct(">I")        # ...or big-endian in request-reply mode
+ACK_RECORD = struct.Struct("<QI")    # ACK: id of the last frame covered | skipped (u32)
+
+ID_SIZE = FRAME_ID.size
 SIZE_OFFSET = ID_SIZE
-HEADER_SIZE = 12
-ACK_SIZE = 12                # ACK: id of the last covered frame (8) | skipped (u32)
+HEADER_SIZE = ID_SIZE + SIZE_LE.size
+ACK_SIZE = ACK_RECORD.size
+MAX_SIZE_FIELD = 0xFFFFFFFF  # the largest u32
 MAX_SKIPPED = 0xFFFFFFFF     # one ACK covers at most MAX_SKIPPED + 1 frames
 
 MODE_ACK = "ack"                       # coalesced ACKs, little-endian size (steps 2 to 5)
@@ -78,11 +84,6 @@ MODES = (MODE_ACK, MODE_REQUEST_REPLY)
 ACK_THREAD = "thread"        # a reader thread hands whole blocks to an ACK thread (step 5)
 ACK_INLINE = "inline"        # the reader parses, calls the handler and ACKs itself (step 4)
 ACK_STYLES = (ACK_THREAD, ACK_INLINE)
-
-SIZE_LE = struct.Struct("<I")
-SIZE_BE = struct.Struct(">I")
-FRAME_ID = struct.Struct("<Q")               # ids as u64: how the reference clients number
-ACK_RECORD = struct.Struct("<QI")
 
 
 def _check_choice(name, value, choices):
@@ -102,9 +103,14 @@ def size_struct(mode):
     return SIZE_BE if mode == MODE_REQUEST_REPLY else SIZE_LE
 
 
+def frame_header(frame_id, payload_size, size_field=SIZE_LE):
+    """The 12 header bytes of a frame (`size_field`: the struct of the mode's size field)."""
+    return FRAME_ID.pack(frame_id) + size_field.pack(payload_size)
+
+
 def encode_frame(frame_id, payload, mode=MODE_ACK):
     """One frame as bytes: `frame_id` (an int, u64) and the payload."""
-    return FRAME_ID.pack(frame_id) + size_struct(mode).pack(len(payload)) + bytes(payload)
+    return frame_header(frame_id, len(payload), size_struct(mode)) + bytes(payload)
 
 
 def encode_ack(last_id, skipped):
@@ -254,10 +260,7 @@ class Batch:
         parts = []
         for seg in self.segments:
             if seg.frame_size:
-                column = bytearray(ID_SIZE * seg.count)
-                for k in range(ID_SIZE):
-                    column[k::ID_SIZE] = seg.buffer[seg.start + k:seg.end:seg.frame_size]
-                parts.append(column)
+                parts.append(_gather(seg.buffer, seg.start, seg.end, seg.frame_size, 0, ID_SIZE))
             else:
                 buf = seg.buffer
                 parts.extend(buf[pos:pos + ID_SIZE] for pos in self.frame_offsets(seg))
@@ -291,16 +294,22 @@ class Batch:
             buf = seg.buffer
             size = seg.frame_size - HEADER_SIZE
             if seg.frame_size and size < seg.count:
-                # Few, narrow columns: copy each payload byte column at once.
-                column = bytearray(size * seg.count)
-                for k in range(size):
-                    column[k::size] = buf[seg.start + HEADER_SIZE + k:seg.end:seg.frame_size]
-                parts.append(column)
+                # Fewer byte columns than frames: copy a column at a time.
+                parts.append(_gather(buf, seg.start, seg.end, seg.frame_size, HEADER_SIZE, size))
             else:
                 for pos in self.frame_offsets(seg):
                     size = self._size.unpack_from(buf, pos + SIZE_OFFSET)[0]
                     parts.append(buf[pos + HEADER_SIZE:pos + HEADER_SIZE + size])
         return b"".join(parts)
+
+
+def _gather(buf, start, end, stride, offset, width):
+    """Bytes offset..offset+width of every `stride`-byte record of buf[start:end], concatenated:
+    `width` strided copies, one per byte column, at C speed whatever the number of records."""
+    out = bytearray(width * ((end - start) // stride))
+    for k in range(width):
+        out[k::width] = buf[start + offset + k:end:stride]
+    return out
 
 
 def _leading(column, byte):
@@ -462,8 +471,10 @@ class FrameParser:
     def _run_length(self, buf, pos, end, frame_size, size):
         """How many frames of `frame_size` bytes follow from `pos` (at least the one there)."""
         available = (end - pos) // frame_size
-        if available < RUN_MIN or self._size.unpack_from(buf, pos + frame_size + SIZE_OFFSET)[0] != size:
+        if available < RUN_MIN:
             return 1
+        if self._size.unpack_from(buf, pos + frame_size + SIZE_OFFSET)[0] != size:
+            return 1            # the next frame differs: no run here, and no strided work
         expected = self._size.pack(size)
         count = 0
         window = RUN_WINDOW_START
@@ -471,14 +482,14 @@ class FrameParser:
             n = min(window, available - count)
             first = pos + count * frame_size + SIZE_OFFSET
             stop = first + n * frame_size
-            for k in range(4):
+            for k in range(SIZE_LE.size):
                 column = buf[first + k:stop:frame_size]
                 byte = expected[k:k + 1]
                 if column != byte * n:
                     # The run ends inside this window, where the first of the columns breaks.
                     return count + min(
                         _leading(buf[first + j:stop:frame_size], expected[j:j + 1])
-                        for j in range(k, 4))
+                        for j in range(k, SIZE_LE.size))
             count += n
             window *= 2
         return count
@@ -1063,23 +1074,26 @@ class Server:
 # ###########################################################################################
 
 SEND_BUFFER = 1 << 20        # send() buffers frames up to this many bytes before writing
-SEND_CHUNK_FRAMES = 1 << 16  # send_many() writes the ids of up to this many frames at once
-SEND_CHUNK_BYTES = 2 << 20
+SEND_CHUNK_BYTES = 2 << 20   # send_many() writes up to this many bytes at once (large writes,
+                             # still cache-sized), and the ids of up to SEND_CHUNK_FRAMES
 ACK_READ_SIZE = 24576        # like the reference clients: 2,048 ACKs per read
 DEFAULT_ACK_TIMEOUT = 20.0   # the series' clients wait up to 20 s for the last ACK
 
 # Column k of a run of ids (byte k of each little-endian u64) for ids n, n+1, ...: the two low
-# bytes repeat every 65,536 ids, so they are slices of these patterns; the high bytes are constant
-# but for one step where the low part wraps.
-_LOW_ID_BYTES = (bytes(range(256)) * 512,
+# bytes repeat every ID_LOW_SPAN ids, so they are slices of these patterns (two spans long, so a
+# slice may start anywhere in the first); the high bytes are constant but for one step where the
+# low part wraps.
+ID_LOW_SPAN = 1 << 16
+SEND_CHUNK_FRAMES = ID_LOW_SPAN  # a whole span: chunk after chunk, the low id bytes stay put
+_LOW_ID_BYTES = (bytes(range(256)) * (2 * ID_LOW_SPAN // 256),
                  b"".join(bytes([b]) * 256 for b in range(256)) * 2)
 
 
 def _id_columns(first_id, count):
-    """The 8 byte columns of the ids first_id .. first_id + count - 1 (count <= 65,536)."""
-    low = first_id & 0xFFFF
-    high = first_id >> 16
-    before_wrap = min(count, 0x10000 - low)
+    """The 8 byte columns of the ids first_id .. first_id + count - 1 (count <= ID_LOW_SPAN)."""
+    low = first_id % ID_LOW_SPAN
+    high = first_id // ID_LOW_SPAN
+    before_wrap = min(count, ID_LOW_SPAN - low)
     columns = [_LOW_ID_BYTES[0][low:low + count], _LOW_ID_BYTES[1][low:low + count]]
     for k in range(2, ID_SIZE):
         shift = 8 * (k - 2)
@@ -1106,7 +1120,7 @@ class FrameBlock:
         pos = 0
         for payload in payloads:
             offsets.append(pos)
-            parts.append(bytes(ID_SIZE) + size_field.pack(len(payload)) + bytes(payload))
+            parts.append(frame_header(0, len(payload), size_field) + bytes(payload))
             pos += HEADER_SIZE + len(payload)
         self._init(b"".join(parts), offsets, 0, max(map(len, parts), default=0) - HEADER_SIZE)
 
@@ -1114,7 +1128,7 @@ class FrameBlock:
     def uniform(cls, payload, frames, mode=MODE_ACK):
         """`frames` equal frames carrying `payload`."""
         self = cls.__new__(cls)
-        frame = bytes(ID_SIZE) + size_struct(mode).pack(len(payload)) + bytes(payload)
+        frame = frame_header(0, len(payload), size_struct(mode)) + bytes(payload)
         self._init(frame * frames, range(0, len(frame) * frames, len(frame)), len(frame),
                    len(payload))
         self.payload = bytes(payload)
@@ -1149,8 +1163,8 @@ class FrameBlock:
         size = self.frame_size
         stop = count * size
         done = 0
-        while done < count:     # ids run in columns of at most 65,536
-            n = min(count - done, 0x10000)
+        while done < count:     # ids run in columns of at most ID_LOW_SPAN
+            n = min(count - done, ID_LOW_SPAN)
             self._write_columns(done * size, first_id + done, n)
             done += n
         return self.view[:stop]
@@ -1225,8 +1239,7 @@ class Client:
         self._check_payload_size(len(payload))
         frame_id = self.sent
         out = self._out
-        out += FRAME_ID.pack(frame_id)
-        out += self._size.pack(len(payload))
+        out += frame_header(frame_id, len(payload), self._size)
         out += payload
         self.sent = frame_id + 1
         if len(out) >= SEND_BUFFER:
@@ -1245,7 +1258,8 @@ class Client:
         self._check_payload_size(len(payload))
         block = self._uniform
         if block is None or block.payload != payload:
-            frames = max(1, min(SEND_CHUNK_FRAMES, SEND_CHUNK_BYTES // (HEADER_SIZE + len(payload))))
+            frame_size = HEADER_SIZE + len(payload)
+            frames = max(1, min(SEND_CHUNK_FRAMES, SEND_CHUNK_BYTES // frame_size))
             block = self._uniform = FrameBlock.uniform(payload, frames, self.mode)
         first = self.sent
         while self.sent < first + count:
@@ -1361,18 +1375,15 @@ class Client:
                 return
 
     def _take_acks(self, data):
-        if self.mode == MODE_REQUEST_REPLY:
-            record_size = ID_SIZE
-        else:
-            record_size = ACK_SIZE
+        """Check and count the whole ACK records in `data`; keep a partial one for later."""
+        request_reply = self.mode == MODE_REQUEST_REPLY
+        record_size = ID_SIZE if request_reply else ACK_SIZE
         whole = len(data) - len(data) % record_size
         self._in_partial = bytes(data[whole:])
-        for pos in range(0, whole, record_size):
-            if record_size == ID_SIZE:
-                (last_id,) = FRAME_ID.unpack_from(data, pos)
-                skipped = 0
-            else:
-                last_id, skipped = ACK_RECORD.unpack_from(data, pos)
+        records = (FRAME_ID.iter_unpack(data[:whole]) if request_reply
+                   else ACK_RECORD.iter_unpack(data[:whole]))
+        for last_id, *skipped in records:
+            skipped = skipped[0] if skipped else 0      # request-reply: one id, one frame
             expected = self._last_acked + skipped + 1
             if last_id != expected or last_id >= self._handed:
                 raise self._error(ProtocolError, (

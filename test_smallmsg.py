@@ -111,22 +111,6 @@ def recv_exactly(sock, n, timeout=5.0):
     return data
 
 
-def recv_until_closed(sock, timeout=5.0):
-    """Everything the server sends until it closes (bounded by `timeout`)."""
-    sock.settimeout(timeout)
-    data = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def wait_for(condition, timeout=5.0, interval=0.01):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -165,8 +149,9 @@ def peer_of(sock):
     return f"{host}:{port}"
 
 
-class PeerRecorder:
-    """A handler that keeps the frames it gets per connection.
+class Recorder:
+    """A handler that keeps the frames it gets: all in order of arrival (`frames`), and per
+    connection (`of(peer)`).
 
     The handler runs in the connection's own thread, named after the peer
     ('smallmsg-ack-127.0.0.1:PORT' or 'smallmsg-reader-127.0.0.1:PORT'), so the peer is read off
@@ -174,22 +159,24 @@ class PeerRecorder:
     """
 
     def __init__(self):
-        self.frames = collections.defaultdict(list)
+        self.frames = []
+        self.by_peer = collections.defaultdict(list)
         self.lock = threading.Lock()
 
     def __call__(self, batch):
         peer = threading.current_thread().name.rsplit("-", 1)[-1]
         frames = [(frame_id, bytes(payload)) for frame_id, payload in batch]
         with self.lock:
-            self.frames[peer].extend(frames)
+            self.frames.extend(frames)
+            self.by_peer[peer].extend(frames)
 
     def of(self, peer):
         with self.lock:
-            return list(self.frames.get(peer, ()))
+            return list(self.by_peer.get(peer, ()))
 
     def pop(self, peer):
         with self.lock:
-            return self.frames.pop(peer, [])
+            return self.by_peer.pop(peer, [])
 
 
 def read_until_closed(sock, timeout=5.0):
@@ -584,18 +571,6 @@ def test_client_send_paths_give_one_numbered_stream():
 # Server and client end to end
 # ------------------------------------------------------------------------------------------
 
-class Recorder:
-    """A handler that keeps every frame it is given."""
-
-    def __init__(self):
-        self.frames = []
-        self.lock = threading.Lock()
-
-    def __call__(self, batch):
-        with self.lock:
-            self.frames.extend((frame_id, bytes(payload)) for frame_id, payload in batch)
-
-
 @pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
 def test_handler_sees_every_payload_once_in_order(ack):
     recorder = Recorder()
@@ -699,7 +674,7 @@ def test_ack_coverage_equals_frames_sent_over_raw_socket():
             for chunk in chunked(stream_of(payloads), 999):
                 sock.sendall(chunk)
             sock.shutdown(socket.SHUT_WR)
-            records = acks_of(recv_until_closed(sock))
+            records = acks_of(read_until_closed(sock)[0])
     assert check_ack_coverage(records, len(payloads)) == len(payloads)
 
 
@@ -730,7 +705,7 @@ def test_handler_exception_closes_that_connection_only(caplog):
             assert check_ack_coverage(records, 10) == 10
             with caplog.at_level(logging.ERROR, logger="smallmsg"):
                 bad.sendall(smallmsg.encode_frame(10, b"boom"))
-                assert recv_until_closed(bad) == b""          # no ACK for the failed frame
+                assert read_until_closed(bad)[0] == b""          # no ACK for the failed frame
         assert wait_for(lambda: "handler raised" in caplog.text)
         assert "127.0.0.1:" in caplog.text
         with smallmsg.Client(server.address) as good:
@@ -757,7 +732,7 @@ def test_handler_exception_still_acks_the_frames_handled_before(ack):
             sock.sendall(stream_of([b"fine"] * 10))
             assert first_call.wait(5)
             sock.sendall(smallmsg.encode_frame(10, b"boom"))
-            records = acks_of(recv_until_closed(sock))
+            records = acks_of(read_until_closed(sock)[0])
         assert check_ack_coverage(records, 10) == 10
         assert still_serves(server)
 
@@ -933,8 +908,13 @@ def test_client_refuses_a_payload_over_max_payload():
 # ------------------------------------------------------------------------------------------
 
 def run_client(*args, timeout=60):
-    return subprocess.run([sys.executable, os.path.join(HERE, "client.py"), *args],
-                          capture_output=True, text=True, timeout=timeout)
+    """client.py to its end: (exit code, stdout, stderr)."""
+    process = client_py(*args)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        kill(process)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -1062,7 +1042,7 @@ BAD_INPUTS = ["over_max_payload", "over_max_payload_split", "garbage", "cut_off"
 @pytest.mark.parametrize("kind", [k for k in BAD_INPUTS if k != "over_max_payload_split"])
 def test_bad_input_delivers_frames_before_logs_closes_and_spares_others(kind, ack, caplog):
     caplog.set_level(logging.INFO, logger="smallmsg")
-    recorder = PeerRecorder()
+    recorder = Recorder()
     with running_server(recorder, ack=ack, max_payload=LIMIT) as server:
         with smallmsg.Client(server.address) as other:      # open before, during and after
             other.send_many(b"hello", 500)
@@ -1216,7 +1196,7 @@ def fuzz_one(rng, address, recorder, failures):
 @pytest.mark.slow
 @pytest.mark.parametrize("ack", ACK_STYLES)
 def test_fuzz_never_crashes_never_acks_undelivered_frames(ack):
-    recorder = PeerRecorder()
+    recorder = Recorder()
     failures = []
     counts = collections.Counter()
     lock = threading.Lock()
@@ -1417,7 +1397,7 @@ def test_peer_that_stops_reading_cannot_block_shutdown(ack, caplog):
 @pytest.mark.parametrize("ack", ACK_STYLES)
 def test_300_concurrent_connections_are_all_fully_acknowledged(ack):
     count = 300
-    recorder = PeerRecorder()
+    recorder = Recorder()
     baseline = threading.active_count()
     clients = []
     with running_server(recorder, ack=ack, block_size=1 << 16) as server:
