@@ -5,8 +5,8 @@ Speed is never asserted here: bench.sh measures it.
 """
 
 import collections
-import inspect
 import contextlib
+import inspect
 import json
 import logging
 import os
