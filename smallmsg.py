@@ -1477,10 +1477,13 @@ def main(argv=None):
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
 
+    def exit_at_once(signum, frame):
+        os._exit(128 + signum)      # the shell's convention for "killed by signal N"
+
     def stop(signum, frame):
         # A second signal does not wait for connections to finish.
-        signal.signal(signal.SIGINT, lambda *_: os._exit(128 + signum))
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signum))
+        signal.signal(signal.SIGINT, exit_at_once)
+        signal.signal(signal.SIGTERM, exit_at_once)
         server.stop_serving()
 
     signal.signal(signal.SIGINT, stop)
