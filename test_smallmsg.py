@@ -1035,6 +1035,14 @@ def send_bad_input(kind, sock):
     raise AssertionError(kind)
 
 
+def bad_connection(server, kind):
+    """A connection that sends the bad input of `kind`: (its peer name, the ACK records it
+    could read, the words its log line must give)."""
+    with socket.create_connection(server.address) as bad:
+        peer = peer_of(bad)
+        return (peer, *send_bad_input(kind, bad))
+
+
 BAD_INPUTS = ["over_max_payload", "over_max_payload_split", "garbage", "cut_off", "reset"]
 
 
@@ -1047,12 +1055,7 @@ def test_bad_input_delivers_frames_before_logs_closes_and_spares_others(kind, ac
         with smallmsg.Client(server.address) as other:      # open before, during and after
             other.send_many(b"hello", 500)
             other.wait_acked(timeout=5)
-            bad = socket.create_connection(server.address)
-            peer = peer_of(bad)
-            try:
-                records, reason = send_bad_input(kind, bad)
-            finally:
-                bad.close()
+            peer, records, reason = bad_connection(server, kind)
             # The frames before the bad input were delivered, in order, and acknowledged.
             assert wait_for(lambda: len(recorder.of(peer)) >= len(GOOD))
             assert check_ack_coverage(records, len(GOOD)) == len(GOOD)
@@ -1073,12 +1076,7 @@ def warnings_after_bad_input(kind, ack, caplog):
     """The WARNING (or worse) log lines that name the peer, once its connection is over."""
     caplog.set_level(logging.INFO, logger="smallmsg")
     with running_server(ack=ack, max_payload=LIMIT) as server:
-        bad = socket.create_connection(server.address)
-        peer = peer_of(bad)
-        try:
-            records, reason = send_bad_input(kind, bad)
-        finally:
-            bad.close()
+        peer, records, reason = bad_connection(server, kind)
         assert check_ack_coverage(records, len(GOOD)) == len(GOOD)
         assert wait_for(lambda: server.connections == 0)
         assert wait_for(lambda: any("disconnected" in m for m in messages(caplog, peer)))
