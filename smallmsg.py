@@ -161,6 +161,7 @@ RUN_WINDOW_START = 64        # frames proven by the first strided check of a run
 RUN_BACKOFF_MIN = 4          # exact frames before the next run check after a failed one...
 RUN_BACKOFF_MAX = 256        # ...doubling up to this
 
+
 class Segment(namedtuple("Segment", "buffer start end count frame_size last")):
     """Consecutive whole frames of a Batch inside one buffer.
 
@@ -527,17 +528,19 @@ class FrameParser:
 # ###########################################################################################
 
 BLOCK_SIZE = 1 << 20         # bytes per recv_into: large reads, few system calls
-POOL_BLOCKS = 2              # blocks per connection: bounds memory, and a slow handler pushes
-                             # back through TCP once they are all queued
+# Blocks per connection: this bounds memory, and a slow handler pushes back through TCP once
+# they are all queued.
+POOL_BLOCKS = 2
 ACK_EVERY_BLOCKS = 16        # under continuous load, still ACK at least this often
 DEFAULT_MAX_CONNECTIONS = 1024   # each costs two threads and up to POOL_BLOCKS blocks
 SHUTDOWN_GRACE = 5.0         # seconds connections get to finish their blocks at shutdown
 POLL_INTERVAL = 0.5          # seconds between checks for shutdown in serve_forever
 ACCEPT_RETRY = 0.1           # seconds between accepts while accept() fails (no descriptors)
 REFUSAL_LOG_INTERVAL = 1.0   # at most one warning a second for refused connections
-CLOSE_LINGER = 1.0           # at close, seconds to read and discard what the peer still sends...
-CLOSE_LINGER_BYTES = 16 << 20    # ...and how much: a close with unread input sends a RST,
-                                 # which makes the peer drop the ACKs it has not read yet
+# At close, how long and how much to read and discard of what the peer still sends: a close
+# with unread input sends a RST, which makes the peer drop the ACKs it has not read yet.
+CLOSE_LINGER = 1.0
+CLOSE_LINGER_BYTES = 16 << 20
 
 
 def _peer_name(address):
@@ -1074,8 +1077,9 @@ class Server:
 # ###########################################################################################
 
 SEND_BUFFER = 1 << 20        # send() buffers frames up to this many bytes before writing
-SEND_CHUNK_BYTES = 2 << 20   # send_many() writes up to this many bytes at once (large writes,
-                             # still cache-sized), and the ids of up to SEND_CHUNK_FRAMES
+# send_many() writes up to this many bytes at once (large writes, still cache-sized), and the
+# ids of up to SEND_CHUNK_FRAMES.
+SEND_CHUNK_BYTES = 2 << 20
 ACK_READ_SIZE = 24576        # like the reference clients: 2,048 ACKs per read
 DEFAULT_ACK_TIMEOUT = 20.0   # the series' clients wait up to 20 s for the last ACK
 
