@@ -1126,7 +1126,8 @@ class FrameBlock:
             offsets.append(pos)
             parts.append(frame_header(0, len(payload), size_field) + bytes(payload))
             pos += HEADER_SIZE + len(payload)
-        self._init(b"".join(parts), offsets, 0, max(map(len, parts), default=0) - HEADER_SIZE)
+        largest = max((len(part) - HEADER_SIZE for part in parts), default=0)
+        self._init(b"".join(parts), offsets, 0, largest)
 
     @classmethod
     def uniform(cls, payload, frames, mode=MODE_ACK):
