@@ -13,6 +13,7 @@ import os
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -641,6 +642,116 @@ def test_reference_style_cpp_client_passes(ack):
     with running_server(ack=ack) as server:
         sent, acked = reference_style_client(server.address, rounds=400)
     assert sent == acked == 60_000
+
+
+# The series' step-5 client, as PROTOCOL.md describes it, in C++ like the original.
+REFERENCE_CLIENT_CPP = r"""
+// Like the series' step-5 client: batches of 150 frames of 17 bytes in one writev, no
+// TCP_NODELAY; every few ms a 1 ms select and a read of up to 24,576 bytes taken as whole ACKs.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+static int fd;
+static int64_t last_acked = -1;
+
+static bool check_acks(long wait_us) {
+  fd_set r; FD_ZERO(&r); FD_SET(fd, &r);
+  timeval tv{0, wait_us};
+  if (select(fd + 1, &r, nullptr, nullptr, &tv) <= 0) return true;
+  static char buf[24576];
+  ssize_t n = read(fd, buf, sizeof buf);
+  if (n < 12) { fprintf(stderr, "short read: %zd\n", n); return false; }
+  if (n % 12) { fprintf(stderr, "read of %zd bytes is not whole ACKs\n", n); return false; }
+  for (ssize_t p = 0; p < n; p += 12) {
+    uint64_t id; uint32_t skipped;
+    memcpy(&id, buf + p, 8); memcpy(&skipped, buf + p + 8, 4);
+    if (last_acked + (int64_t)skipped + 1 != (int64_t)id) {
+      fprintf(stderr, "bad ACK: id %llu skipped %u after %lld\n", (unsigned long long)id,
+              skipped, (long long)last_acked);
+      return false;
+    }
+    last_acked = (int64_t)id;
+  }
+  return true;
+}
+
+int main(int argc, char** argv) {
+  if (argc != 4) { fprintf(stderr, "usage: ref PORT ROUNDS PER_ROUND\n"); return 2; }
+  int port = atoi(argv[1]); long rounds = atol(argv[2]); long per_round = atol(argv[3]);
+  fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{}; a.sin_family = AF_INET; a.sin_port = htons(port);
+  inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+  if (connect(fd, (sockaddr*)&a, sizeof a)) { perror("connect"); return 2; }
+  const int BATCH = 150;
+  struct __attribute__((packed)) Header { uint64_t id; uint32_t size; } headers[BATCH];
+  iovec iov[2 * BATCH];
+  static char payload[] = "hello";
+  uint64_t next_id = 0;
+  using clock = std::chrono::steady_clock;
+  for (long round = 0; round < rounds; ++round) {
+    auto start = clock::now(), last_check = start;
+    uint64_t end_id = next_id + per_round;
+    while (next_id < end_id) {
+      int n = (int)((end_id - next_id) < BATCH ? end_id - next_id : BATCH);
+      for (int i = 0; i < n; ++i) {
+        headers[i].id = next_id + i; headers[i].size = 5;
+        iov[2 * i] = {&headers[i], 12}; iov[2 * i + 1] = {payload, 5};
+      }
+      ssize_t want = 17L * n, sent = writev(fd, iov, 2 * n);
+      if (sent != want) { fprintf(stderr, "writev: %zd of %zd\n", sent, want); return 1; }
+      next_id += n;
+      auto now = clock::now();
+      if (now - last_check > std::chrono::milliseconds(3)) {
+        if (!check_acks(1000)) return 1;
+        last_check = now;
+      }
+    }
+    auto deadline = clock::now() + std::chrono::seconds(20);
+    while (last_acked + 1 < (int64_t)end_id) {
+      if (clock::now() > deadline) { fprintf(stderr, "last ACK missing after 20 s\n"); return 1; }
+      if (!check_acks(1000)) return 1;
+    }
+    double usec = std::chrono::duration<double, std::micro>(clock::now() - start).count();
+    printf("elapsed usec=%.0f avg(usec/call)=%g avg(call/msec)=%g avg(call/sec)=%g\n", usec,
+           usec / per_round, per_round / usec * 1000, per_round / usec * 1e6);
+    fflush(stdout);
+  }
+  close(fd);
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def reference_client(tmp_path_factory):
+    """The C++ client above, built with the machine's g++ (the test is skipped without one)."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    folder = tmp_path_factory.mktemp("cpp")
+    source, binary = folder / "reference_client.cpp", folder / "reference_client"
+    source.write_text(REFERENCE_CLIENT_CPP)
+    subprocess.run([compiler, "-O2", "-o", str(binary), str(source)], check=True, timeout=120)
+    return str(binary)
+
+
+@pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
+def test_a_cpp_client_like_the_series_one_passes_unchanged(reference_client, ack):
+    with running_server(ack=ack) as server:
+        result = subprocess.run([reference_client, str(server.address[1]), "3", "1000000"],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("elapsed usec=") for line in lines)
 
 
 @pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
