@@ -101,16 +101,16 @@ def stop_server(process):
     process.stdout.close()
 
 
-def connect(address, mode):
+def connect(address, mode, timeout):
     try:
-        return smallmsg.Client(address, mode=mode)
+        return smallmsg.Client(address, mode=mode, timeout=timeout)
     except OSError as exc:
         raise CommandError(f"cannot connect to {address[0]}:{address[1]}: "
                            f"{exc.strerror or exc}") from None
 
 
 def run_rounds(args, address, out):
-    with connect(address, args.mode) as client:
+    with connect(address, args.mode, args.timeout) as client:
         load = Load(client, *args.payload_size)
         for round_number in range(1, args.iterations + 1):
             start = time.perf_counter()
@@ -150,7 +150,8 @@ def main(argv=None):
                         help="ack (default) or request-reply, as the server runs")
     parser.add_argument("--timeout", type=smallmsg.positive_seconds,
                         default=smallmsg.DEFAULT_ACK_TIMEOUT,
-                        help="seconds to wait for the last ACK of a round (default 20)")
+                        help="seconds to wait for the server: to connect, to take more frames, "
+                             "for the last ACK of a round (default 20)")
     parser.add_argument("--spawn", action="store_true",
                         help="start a local smallmsg.py on a free port, use it, stop it")
     parser.add_argument("--json", action="store_true",

@@ -534,6 +534,7 @@ POOL_BLOCKS = 2
 ACK_EVERY_BLOCKS = 16        # under continuous load, still ACK at least this often
 DEFAULT_MAX_CONNECTIONS = 1024   # each costs two threads and up to POOL_BLOCKS blocks
 SHUTDOWN_GRACE = 5.0         # seconds connections get to finish their blocks at shutdown
+CUT_WAIT = 1.5               # then seconds a cut connection gets to end
 POLL_INTERVAL = 0.5          # seconds between checks for shutdown in serve_forever
 ACCEPT_RETRY = 0.1           # seconds between accepts while accept() fails (no descriptors)
 REFUSAL_LOG_INTERVAL = 1.0   # at most one warning a second for refused connections
@@ -638,6 +639,9 @@ class Connection:
     def _wait_for_data(self):
         """Wait until the socket has something to read: False if the server shuts down (what
         was read still gets handled) or the connection is idle past the timeout."""
+        if self.server._reading_stopped:
+            self._end_because("server shutting down")
+            return False
         stop = self.server._stop_reading_r
         ready = _wait_readable(self.sock, self.server.idle_timeout, stop)
         if stop.fileno() in ready:
@@ -801,6 +805,10 @@ class AckWorker(threading.Thread):
         reader_ended = False
         try:
             reader_ended = self._handle_blocks()
+        except BaseException:       # a bug of ours: say so, acknowledge what was handled
+            log.exception("%s: ACK thread failed; closing the connection", conn.peer)
+            conn._end_because("internal error", level=logging.DEBUG)
+            conn.send_acks()
         finally:
             if not reader_ended:
                 reader_ended = self._discard_blocks()
@@ -913,6 +921,7 @@ class Server:
         self._wake_w.setblocking(False)     # written from signal handlers: never block there
         # Written once at shutdown and never read: every reader waiting for data wakes and ends.
         self._stop_reading_r, self._stop_reading_w = socket.socketpair()
+        self._reading_stopped = False
 
     @property
     def address(self):
@@ -1040,7 +1049,7 @@ class Server:
 
         Connections still busy after `grace` seconds (a peer that does not read its ACKs) are
         cut; a handler that never returns is left behind (its threads are daemons) with a log
-        line, so shutdown always returns.
+        line, so shutdown always returns, within `grace` + CUT_WAIT seconds.
         """
         self.stop_serving()
         self._done_serving.wait()
@@ -1048,6 +1057,7 @@ class Server:
             self._thread.join()
         with self._lock:
             conns = list(self._connections)
+        self._reading_stopped = True
         try:
             self._stop_reading_w.send(b"x")
         except OSError:
@@ -1059,7 +1069,8 @@ class Server:
         for conn in busy:
             log.warning("%s: still busy after %g s; cutting the connection", conn.peer, grace)
             conn.abort()
-        deadline = time.monotonic() + grace
+        # A cut connection ends at once (its writes fail); only a stuck handler keeps it.
+        deadline = time.monotonic() + min(grace, CUT_WAIT)
         for conn in busy:
             conn.join(max(0.0, deadline - time.monotonic()))
             if conn.alive:
@@ -1067,8 +1078,11 @@ class Server:
 
     def close(self):
         """Close the listening socket (after `shutdown()`)."""
-        for sock in (self._listener, self._wake_r, self._wake_w, self._stop_reading_r,
-                     self._stop_reading_w):
+        socks = [self._listener, self._wake_r, self._wake_w]
+        with self._lock:
+            if not self._connections:   # else a connection left behind may still poll it
+                socks += [self._stop_reading_r, self._stop_reading_w]
+        for sock in socks:
             sock.close()
 
 
@@ -1203,11 +1217,12 @@ class Client:
         self.mode = mode
         self.max_payload = max_payload
         self.sent = 0                   # frames given ids so far
-        self._handed = 0                # frames handed to the socket (written or being so)
+        self._handed = 0                # frames whose write has begun
         self.acked = 0
         self.bytes_sent = 0             # bytes written to the socket
         self._last_acked = -1
         self._out = bytearray()
+        self._unwritten = b""           # the rest of a write that a timeout interrupted
         self._in = bytearray(ACK_READ_SIZE)
         self._in_partial = b""
         self._uniform = None            # FrameBlock of the last send_many
@@ -1287,7 +1302,10 @@ class Client:
         return first
 
     def flush(self, deadline=None):
-        """Write every buffered frame."""
+        """Write every buffered frame (first, what an interrupted write left)."""
+        if self._unwritten:
+            unwritten, self._unwritten = self._unwritten, b""
+            self._sendall(unwritten, deadline)
         if self._out:
             out = self._out
             self._out = bytearray()
@@ -1299,18 +1317,25 @@ class Client:
         blocked on writing ACKs we do not read would otherwise stop reading our frames."""
         view = memoryview(data).cast("B")
         sock = self.sock
-        while view:
-            try:
-                sent = sock.send(view)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise self._error(ConnectionLost, f"connection lost while sending: "
-                                                  f"{exc.strerror or exc}") from None
-            self.bytes_sent += sent
-            view = view[sent:]
+        try:
+            while view:
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raise self._error(ConnectionLost, f"connection lost while sending: "
+                                                      f"{exc.strerror or exc}") from None
+                self.bytes_sent += sent
+                view = view[sent:]
+                if view:
+                    self._wait(deadline, writing=True)
+        finally:
             if view:
-                self._wait(deadline, writing=True)
+                # Stopped part-way (a timeout, say): the server holds part of a frame, so what
+                # is left goes out first, whole, before anything else (a copy: `data` may be a
+                # FrameBlock that is renumbered next).
+                self._unwritten = bytes(view)
 
     def _wait(self, deadline, writing=False):
         """Wait until the socket is readable (ACKs taken) or, if `writing`, writable.

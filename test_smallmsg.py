@@ -930,13 +930,74 @@ def test_close_with_unread_input_keeps_the_acks_already_written(ack):
 def test_idle_timeout_is_about_reading_not_about_a_peer_slow_to_read(ack, caplog):
     """A peer that keeps sending but does not read its replies is not idle: the idle timeout
     must not cut it because the server's writes wait."""
-    with running_server(mode="request-reply", ack=ack, idle_timeout=0.3) as server:
+    caplog.set_level(logging.INFO, logger="smallmsg")
+    idle = 0.3
+    with running_server(mode="request-reply", ack=ack, idle_timeout=idle) as server:
         sock = small_rcvbuf_socket(server.address)
         with sock:
             frame = smallmsg.encode_frame(0, b"hello", smallmsg.MODE_REQUEST_REPLY)
-            push(sock, frame * 4096, 64 << 20, time.monotonic() + 1.5, stall=2.0)
-            assert server.connections == 1
+            limit = 64 * MiB
+            pushed, stalled = push(sock, frame * 4096, limit,
+                                   time.monotonic() + idle + smallmsg.CLOSE_LINGER + 1.0,
+                                   stall=idle + smallmsg.CLOSE_LINGER + 0.5)
+            # The server stopped reading because its replies wait (TCP pushed back), well past
+            # the idle timeout, and still the connection is not being closed.
+            assert stalled and pushed < limit
+            (conn,) = server._connections
+            assert conn.close_reason is None and not conn.closing
         assert "timed out" not in caplog.text and "idle" not in caplog.text
+
+
+@pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
+def test_a_handler_that_never_returns_cannot_hold_up_shutdown(ack, caplog):
+    """shutdown() gives up on a stuck handler within its bound; once the handler does return,
+    after close(), its connection ends without an error."""
+    release = threading.Event()
+
+    def handler(batch):
+        release.wait(10)
+
+    server = smallmsg.Server(LOOPBACK, handler=handler, ack=ack, block_size=4096)
+    server.start()
+    sock = socket.create_connection(server.address)
+    try:
+        sock.sendall(stream_of([b"abcd"] * 256))        # exactly one block
+        assert wait_for(lambda: server.stats["messages"] == 256)
+        started = time.monotonic()
+        server.shutdown(grace=0.3)
+        assert time.monotonic() - started < 0.3 + smallmsg.CUT_WAIT + 1.0
+        assert "does not return" in caplog.text
+        server.close()
+    finally:
+        release.set()
+        sock.close()
+    assert wait_for(lambda: server.connections == 0)
+
+
+@pytest.mark.parametrize("ack", smallmsg.ACK_STYLES)
+def test_a_write_cut_by_a_timeout_goes_on_whole_next_time(ack):
+    """A send that times out part-way leaves part of a frame at the server: the rest must go
+    out first, whole, so that no frame is corrupted and the stream goes on."""
+    release = threading.Event()
+    seen = {"next": 0, "bad": 0}
+
+    def handler(batch):
+        release.wait(10)
+        ids = batch.ids
+        if (list(ids) != list(range(seen["next"], seen["next"] + len(ids)))
+                or batch.payloads() != b"hello" * len(ids)):
+            seen["bad"] += 1
+        seen["next"] += len(ids)
+
+    with running_server(handler, ack=ack) as server:
+        with smallmsg.Client(server.address, timeout=0.3) as client:
+            with pytest.raises(smallmsg.AckTimeout):
+                client.send_many(b"hello", 20_000_000)
+            release.set()
+            client.send_many(b"hello", 1000)
+            client.wait_acked(timeout=20)
+            assert client.acked == client.sent
+    assert seen == {"next": client.sent, "bad": 0}
 
 
 def test_client_raises_on_a_bad_ack():
