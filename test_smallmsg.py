@@ -1079,6 +1079,15 @@ def test_client_refuses_a_payload_over_max_payload():
 # Command lines
 # ------------------------------------------------------------------------------------------
 
+def streaming_client_py(host, port, timeout):
+    """client.py sending far more than it can in the test's time, checked to be under way."""
+    client = client_py("--host", host, "--port", str(port), "--count", "200000000",
+                       "--iterations", "100", "--timeout", str(timeout))
+    time.sleep(1.0)
+    assert client.poll() is None, client.communicate()
+    return client
+
+
 def run_client(*args, timeout=60):
     """client.py to its end: (exit code, stdout, stderr)."""
     process = client_py(*args)
@@ -1792,10 +1801,7 @@ def test_cli_signal_while_a_client_streams_exits_0_within_seconds(signum):
     process, host, port = start_server()
     client = None
     try:
-        client = client_py("--host", host, "--port", str(port), "--count", "200000000",
-                           "--iterations", "100", "--timeout", "5")
-        time.sleep(1.0)
-        assert client.poll() is None, client.communicate()
+        client = streaming_client_py(host, port, timeout=5)
         started = time.monotonic()
         process.send_signal(signum)
         out, err = process.communicate(timeout=15)
@@ -1841,10 +1847,7 @@ def test_client_py_reports_a_server_killed_mid_run():
     process, host, port = start_server("--log-level", "warning")
     client = None
     try:
-        client = client_py("--host", host, "--port", str(port), "--count", "200000000",
-                           "--iterations", "100", "--timeout", "10")
-        time.sleep(1.0)
-        assert client.poll() is None, client.communicate()
+        client = streaming_client_py(host, port, timeout=10)
         process.kill()
         process.wait(10)
         started = time.monotonic()
