@@ -602,7 +602,7 @@ def test_library_example_from_the_issue():
     assert len(seen) == 1
 
 
-def reference_style_client(address, rounds, batch=150, payload=b"hello", window=None):
+def reference_style_client(address, rounds, batch=150, payload=b"hello"):
     """What the series' C++ client does: 150 frames of 17 bytes per write, no TCP_NODELAY,
     reads of up to 24,576 bytes taken as whole 12-byte ACKs, the arithmetic check."""
     sock = socket.create_connection(address)
@@ -610,7 +610,7 @@ def reference_style_client(address, rounds, batch=150, payload=b"hello", window=
     previous, sent = -1, 0
     frame = struct.Struct("<QI")
     try:
-        def take_acks(block):
+        def take_acks():
             nonlocal previous
             data = sock.recv(24576)
             assert len(data) >= 12, f"read of {len(data)} bytes"
@@ -626,12 +626,12 @@ def reference_style_client(address, rounds, batch=150, payload=b"hello", window=
             sent += batch
             sock.settimeout(0.001)
             with contextlib.suppress(socket.timeout):
-                take_acks(False)
+                take_acks()
             sock.settimeout(None)
         deadline = time.monotonic() + 20
         while previous + 1 < sent:
             sock.settimeout(max(0.01, deadline - time.monotonic()))
-            take_acks(True)
+            take_acks()
         return sent, previous + 1
     finally:
         sock.close()
