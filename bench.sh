@@ -31,6 +31,8 @@ done
 
 exec python3 - "$quick" "$json_file" <<'PYTHON'
 import json, os, platform, signal, socket, statistics, subprocess, sys, time
+sys.path.insert(0, os.getcwd())     # this folder: the smallmsg.py beside bench.sh
+import smallmsg
 
 quick, json_file = sys.argv[1] == "1", sys.argv[2]
 PY = sys.executable
@@ -49,7 +51,7 @@ def count_bytes(batch):
     total += len(batch.payloads())     # copies every payload out of the block
 server = smallmsg.Server(("127.0.0.1", 0), handler=count_bytes)
 signal.signal(signal.SIGTERM, lambda *_: server.stop_serving())
-print("smallmsg listening on %s:%d" % server.address, flush=True)
+print(smallmsg.LISTENING + "%s:%d" % server.address, flush=True)
 server.serve_forever(); server.shutdown(); server.close()
 print("payload bytes counted:", total, flush=True)
 '''
@@ -96,10 +98,11 @@ def ceiling():
 def start_server(command):
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()
-    if not line.startswith("smallmsg listening on"):
+    address = smallmsg.listening_address(line)
+    if address is None:
         process.kill()
         sys.exit(f"bench.sh: the server did not start: {line!r}")
-    return process, int(line.split()[3].rsplit(":", 1)[1])
+    return process, address[1]
 
 
 def stop_server(process):

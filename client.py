@@ -82,12 +82,12 @@ def spawn_server(args):
     with selectors.DefaultSelector() as selector:    # never wait forever for its first line
         selector.register(process.stdout, selectors.EVENT_READ)
         if selector.select(SPAWN_TIMEOUT):
-            line = process.stdout.readline()        # "smallmsg listening on HOST:PORT (...)"
-    if not line.startswith("smallmsg listening on "):
+            line = process.stdout.readline()
+    address = smallmsg.listening_address(line)
+    if address is None:
         stop_server(process)
         raise CommandError(f"the spawned server did not start (exit code {process.returncode})")
-    host, _, port = line.split()[3].rpartition(":")
-    return process, (host, int(port))
+    return process, address
 
 
 def stop_server(process):

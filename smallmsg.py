@@ -1438,6 +1438,18 @@ class Client:
 # Command line
 # ###########################################################################################
 
+# Shared with client.py, bench.sh and the tests, which start smallmsg.py and read its address.
+LISTENING = "smallmsg listening on "
+
+
+def listening_address(line):
+    """The (host, port) in the line smallmsg.py prints once it listens; None for another."""
+    if not line.startswith(LISTENING):
+        return None
+    host, _, port = line[len(LISTENING):].split()[0].rpartition(":")
+    return host, int(port)
+
+
 # Shared with client.py: an option a user gets wrong ends in one line, never a traceback.
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1519,7 +1531,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     host, port = server.address
-    print(f"smallmsg listening on {host}:{port} (mode {args.mode}, ack {args.ack})", flush=True)
+    print(f"{LISTENING}{host}:{port} (mode {args.mode}, ack {args.ack})", flush=True)
     try:
         server.serve_forever()
         server.shutdown()

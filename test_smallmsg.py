@@ -300,11 +300,11 @@ def start_server(*args, **popen_options):
         [sys.executable, os.path.join(HERE, "smallmsg.py"), "--port", "0", *args],
         stdout=subprocess.PIPE, text=True, **options)
     line = process.stdout.readline()
-    match = re.match(r"smallmsg listening on (\S+):(\d+) ", line)
-    if match is None:
+    address = smallmsg.listening_address(line)
+    if address is None:
         kill(process)
         raise AssertionError(f"the server did not start: {line!r}")
-    return process, match[1], int(match[2])
+    return process, *address
 
 
 def client_py(*args):
